@@ -1,0 +1,29 @@
+"""Identity transform: every coefficient at scale 0, so K-Flow reduces to plain flow matching."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import KTransform
+
+
+class IdentityTransform(KTransform):
+    """``T = I`` with a single band (``kappa = 0``).
+
+    Args:
+        event_dims: number of trailing dims of one sample (only used to shape :attr:`kappa`).
+    """
+
+    def __init__(self, event_dims: int = 1):
+        super().__init__()
+        self.register_buffer("_kappa", torch.zeros((1,) + (1,) * event_dims), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def inverse(self, c: Tensor) -> Tensor:
+        return c
+
+    @property
+    def kappa(self) -> Tensor:
+        return self._kappa

@@ -1,0 +1,412 @@
+"""File formats for molecular clusters.
+
+* The official COD-Cluster17 raw layout (read *and* written)::
+
+      <root>/raw/FinalPositions/<id>_cluster16.csv
+      <root>/raw/InitialPositions/<id>_cluster16_noised.csv
+
+  Each file: header ``mol_idx,atom_type,x,y,z``, then one row per atom: molecule index, element symbol,
+  Cartesian coordinates in Angstrom; no index column. This is what AssembleFlow's loader parses (it splits
+  every line on ``,`` and groups rows by ``mol_idx`` in order of first appearance; 17 molecules of equal
+  atom count, same atom order in both files). We write ``mol_idx`` 0..16 (molecule 0 = central), floats in
+  Python's shortest round-trip ``repr`` (so write -> read -> write is byte-identical and float64-exact),
+  ``\\n`` line ends.
+* Loose clusters / trajectories as XYZ or extended XYZ (ASE), single molecules from SDF/MOL/XYZ/PDB or
+  SMILES (RDKit ETKDG + MMFF), and a boxed P1 CIF of a cluster.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .data import N_MOLECULES, BuildError, ClusterRecord, numbers_to_symbols, symbols_to_numbers
+
+HEADER = "mol_idx,atom_type,x,y,z"
+FINAL_DIR, INITIAL_DIR = "FinalPositions", "InitialPositions"
+FINAL_SUFFIX, INITIAL_SUFFIX = "_cluster16.csv", "_cluster16_noised.csv"
+RIGID_TOL = 1e-3  # A (times max(1, radius of gyration)): initial must be a rigid motion of final
+
+
+# --------------------------------------------------------------------------------------------------------
+# official raw layout
+# --------------------------------------------------------------------------------------------------------
+def raw_dir(root) -> Path:
+    """The ``raw`` folder of a dataset root (``root/raw``), or ``root`` itself if it holds FinalPositions."""
+    root = Path(root)
+    if (root / "raw" / FINAL_DIR).is_dir() or not (root / FINAL_DIR).is_dir():
+        return root / "raw"
+    return root
+
+
+def raw_paths(root, cluster_id: str) -> tuple[Path, Path]:
+    """``(final_csv, initial_csv)`` paths of one cluster id under a dataset root."""
+    r = raw_dir(root)
+    return r / FINAL_DIR / f"{cluster_id}{FINAL_SUFFIX}", r / INITIAL_DIR / f"{cluster_id}{INITIAL_SUFFIX}"
+
+
+def list_raw_ids(root) -> list[str]:
+    """Sorted cluster ids that have a FinalPositions file under ``root``.
+
+    Raises:
+        BuildError: ``bad_csv`` if ``root`` has no ``raw/FinalPositions`` folder.
+    """
+    d = raw_dir(root) / FINAL_DIR
+    if not d.is_dir():
+        raise BuildError(root, "bad_csv", f"no {FINAL_DIR} folder: expected {d} (the official layout is "
+                         f"<root>/raw/{FINAL_DIR}/<id>{FINAL_SUFFIX})")
+    return sorted(p.name[: -len(FINAL_SUFFIX)] for p in d.iterdir() if p.name.endswith(FINAL_SUFFIX))
+
+
+def format_csv(species, positions: np.ndarray) -> str:
+    """Text of one raw CSV file.
+
+    Args:
+        species: ``(n,)`` atomic numbers, shared by all molecules.
+        positions: ``(17, n, 3)`` Cartesian coordinates (A).
+    """
+    pos = np.asarray(positions, dtype=np.float64)
+    syms = numbers_to_symbols(species)
+    lines = [HEADER]
+    for m in range(pos.shape[0]):
+        for s, (x, y, z) in zip(syms, pos[m].tolist()):
+            lines.append(f"{m},{s},{x!r},{y!r},{z!r}")
+    return "\n".join(lines) + "\n"
+
+
+def read_csv(path, n_molecules: int = N_MOLECULES) -> tuple[np.ndarray, np.ndarray]:
+    """Parse one raw CSV file strictly.
+
+    Returns:
+        ``(species (n,), positions (n_molecules, n, 3))``; molecules in order of first appearance of their
+        ``mol_idx`` (as AssembleFlow's loader does).
+
+    Raises:
+        BuildError: ``bad_csv`` naming the file and the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise BuildError(path, "bad_csv", f"cannot read file: {e}") from None
+    lines = text.splitlines()
+    if not lines or lines[0].strip().lstrip("\ufeff") != HEADER:
+        got = lines[0].strip()[:60] if lines else "<empty file>"
+        raise BuildError(path, "bad_csv", f"line 1: header must be '{HEADER}', got '{got}'")
+    groups: dict[int, tuple[list[str], list[list[float]]]] = {}
+    for ln, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.strip().split(",")
+        if len(parts) != 5:
+            raise BuildError(path, "bad_csv", f"line {ln}: expected 5 comma-separated fields, got {len(parts)}")
+        try:
+            m = int(parts[0])
+        except ValueError:
+            raise BuildError(path, "bad_csv", f"line {ln}: mol_idx '{parts[0]}' is not an integer") from None
+        sym = parts[1].strip()
+        try:
+            symbols_to_numbers([sym])
+        except KeyError:
+            raise BuildError(path, "bad_csv", f"line {ln}: unknown element symbol '{sym}'") from None
+        try:
+            xyz = [float(v) for v in parts[2:]]
+        except ValueError:
+            raise BuildError(path, "bad_csv", f"line {ln}: coordinates {parts[2:]} are not numbers") from None
+        if not all(math.isfinite(v) for v in xyz):
+            raise BuildError(path, "bad_csv", f"line {ln}: non-finite coordinate")
+        g = groups.setdefault(m, ([], []))
+        g[0].append(sym)
+        g[1].append(xyz)
+    if len(groups) != n_molecules:
+        raise BuildError(path, "bad_csv", f"{len(groups)} molecules (distinct mol_idx), expected {n_molecules}")
+    keys = list(groups)
+    counts = {k: len(groups[k][0]) for k in keys}
+    if len(set(counts.values())) != 1:
+        raise BuildError(path, "bad_csv", f"molecules have unequal atom counts {sorted(set(counts.values()))} "
+                         f"(mol_idx -> count: {counts})")
+    ref = groups[keys[0]][0]
+    for k in keys[1:]:
+        if groups[k][0] != ref:
+            i = next(i for i, (a, b) in enumerate(zip(ref, groups[k][0])) if a != b)
+            raise BuildError(path, "bad_csv", f"molecule mol_idx={k} has a different atom order than "
+                             f"mol_idx={keys[0]} (atom {i}: {groups[k][0][i]} vs {ref[i]})")
+    species = symbols_to_numbers(ref)
+    pos = np.array([groups[k][1] for k in keys], dtype=np.float64)
+    return species, pos
+
+
+def _rigid_rmsd(a: np.ndarray, b: np.ndarray) -> float:
+    """RMSD of the best *proper* rigid fit of ``a`` onto ``b`` (both ``(n, 3)``)."""
+    A, B = a - a.mean(0), b - b.mean(0)
+    U, _, Vt = np.linalg.svd(A.T @ B)
+    d = np.sign(np.linalg.det(Vt.T @ U.T)) or 1.0
+    R = Vt.T @ np.diag([1.0, 1.0, d]) @ U.T
+    return float(np.sqrt(np.mean(np.sum((A @ R.T - B) ** 2, axis=1))))
+
+
+def read_raw_pair(root, cluster_id: str, require_initial: bool = False,
+                  rigid_tol: float = RIGID_TOL) -> ClusterRecord:
+    """Read one cluster in the official layout.
+
+    Args:
+        root: dataset root (holding ``raw/``) or the ``raw`` folder itself.
+        cluster_id: the ``<id>`` of ``<id>_cluster16.csv``.
+        require_initial: raise if the InitialPositions file is missing (else ``initial=None``).
+        rigid_tol: each initial molecule must be a proper rigid motion of its final one within
+            ``rigid_tol * max(1, radius of gyration)`` A RMSD.
+
+    Returns:
+        :class:`ClusterRecord` (``meta["source"]`` = the FinalPositions path).
+
+    Raises:
+        BuildError: ``bad_csv`` naming the file (and line) that breaks the layout.
+    """
+    fpath, ipath = raw_paths(root, cluster_id)
+    if not fpath.is_file():
+        raise BuildError(fpath, "bad_csv", "file not found (official layout: "
+                         f"<root>/raw/{FINAL_DIR}/<id>{FINAL_SUFFIX})")
+    species, final = read_csv(fpath)
+    initial = None
+    if ipath.is_file():
+        sp_i, initial = read_csv(ipath)
+        if sp_i.shape != species.shape or np.any(sp_i != species):
+            raise BuildError(ipath, "bad_csv", f"atoms differ from {fpath.name} (same element order required)")
+        rg = np.sqrt(np.mean(np.sum((final - final.mean(1, keepdims=True)) ** 2, -1), -1))  # (17,)
+        for m in range(final.shape[0]):
+            r = _rigid_rmsd(initial[m], final[m])
+            if r > rigid_tol * max(1.0, rg[m]):
+                raise BuildError(ipath, "bad_csv", f"molecule {m} is not a proper rigid motion of its final "
+                                 f"position in {fpath.name} (Kabsch RMSD {r:.3g} A)")
+    elif require_initial:
+        raise BuildError(ipath, "bad_csv", "file not found (official layout: "
+                         f"<root>/raw/{INITIAL_DIR}/<id>{INITIAL_SUFFIX})")
+    return ClusterRecord(id=cluster_id, species=species, final=final, initial=initial,
+                         meta={"source": str(fpath)})
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_raw_pair(root, record: ClusterRecord) -> tuple[Path, Path | None]:
+    """Write a cluster in the official layout under ``root/raw`` (atomic per file).
+
+    Returns:
+        ``(final_csv, initial_csv or None)``.
+    """
+    record.validate()
+    fpath, ipath = raw_paths(root, record.id)
+    _atomic_write(fpath, format_csv(record.species, record.final))
+    if record.initial is None:
+        return fpath, None
+    _atomic_write(ipath, format_csv(record.species, record.initial))
+    return fpath, ipath
+
+
+# --------------------------------------------------------------------------------------------------------
+# XYZ / extended XYZ / PDB
+# --------------------------------------------------------------------------------------------------------
+def write_xyz(path, species, positions, comment: str = "", extended: bool | None = None) -> Path:
+    """Write a cluster or a trajectory of clusters.
+
+    Args:
+        path: output file; ``.extxyz`` (or ``extended=True``) writes extended XYZ with a per-atom
+            ``mol_idx`` array (ASE), otherwise plain XYZ.
+        species: ``(n,)`` atomic numbers of one molecule.
+        positions: ``(M, n, 3)`` one cluster, or ``(T, M, n, 3)`` a trajectory (one frame per step).
+        comment: comment line for plain XYZ frames.
+    """
+    path = Path(path)
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim == 3:
+        pos = pos[None]
+    if pos.ndim != 4 or pos.shape[-1] != 3:
+        raise ValueError(f"positions must be (M, n, 3) or (T, M, n, 3), got {pos.shape}")
+    T, M, n, _ = pos.shape
+    species = np.asarray(species)
+    extended = path.suffix == ".extxyz" if extended is None else extended
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if extended:
+        from ase import Atoms
+        from ase.io import write
+
+        frames = []
+        for t in range(T):
+            at = Atoms(numbers=np.tile(species, M), positions=pos[t].reshape(-1, 3))
+            at.arrays["mol_idx"] = np.repeat(np.arange(M), n)
+            at.info["frame"] = t
+            frames.append(at)
+        write(str(path), frames, format="extxyz")
+        return path
+    syms = np.array(numbers_to_symbols(species) * M)
+    out = []
+    for t in range(T):
+        out.append(str(M * n))
+        out.append(comment or f"frame {t}")
+        for s, (x, y, z) in zip(syms, pos[t].reshape(-1, 3)):
+            out.append(f"{s} {x:.8f} {y:.8f} {z:.8f}")
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def read_cluster_xyz(path, n_molecules: int = N_MOLECULES, tol: float = 0.05):
+    """Read a loose ``n_molecules`` cluster from XYZ / extended XYZ / PDB (anything ASE reads).
+
+    Molecules come from, in order: an extxyz ``mol_idx`` array; an equal split into ``n_molecules``
+    consecutive blocks with identical element order; the bonded components (covalent radii), matched to
+    the first one by a proper rigid fit so every copy has the same atom order.
+
+    Returns:
+        ``(species (n,), positions (n_molecules, n, 3))``.
+
+    Raises:
+        BuildError: ``bad_input`` naming the file when no consistent split exists.
+    """
+    from ase.io import read
+
+    path = Path(path)
+    try:
+        atoms = read(str(path), index=0)
+    except Exception as e:  # noqa: BLE001 - ASE raises many types
+        raise BuildError(path, "bad_input", f"cannot read with ASE: {type(e).__name__}: {e}") from None
+    Z = atoms.get_atomic_numbers()
+    X = atoms.get_positions()
+    N = len(Z)
+    if "mol_idx" in atoms.arrays:
+        mi = atoms.arrays["mol_idx"].astype(int)
+        keys = list(dict.fromkeys(mi.tolist()))
+        blocks = [np.flatnonzero(mi == k) for k in keys]
+        if len(blocks) != n_molecules or len({len(b) for b in blocks}) != 1 or any(
+                np.any(Z[b] != Z[blocks[0]]) for b in blocks):
+            raise BuildError(path, "bad_input", f"mol_idx defines {len(blocks)} molecules; need {n_molecules} "
+                             "with the same element order")
+        return Z[blocks[0]].astype(np.int64), np.stack([X[b] for b in blocks])
+    if N % n_molecules == 0:
+        n = N // n_molecules
+        Zb, Xb = Z.reshape(n_molecules, n), X.reshape(n_molecules, n, 3)
+        if np.all(Zb == Zb[0]) and all(_rigid_rmsd(Xb[0], Xb[m]) < tol for m in range(n_molecules)):
+            return Zb[0].astype(np.int64), Xb.copy()
+    from ase.data import covalent_radii
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from .cif import BOND_TOLERANCE, match_rigid
+
+    r = covalent_radii[Z]
+    D = np.linalg.norm(X[:, None] - X[None], axis=-1)
+    adj = (D < r[:, None] + r[None] + BOND_TOLERANCE) & ~np.eye(N, dtype=bool)
+    nc, lab = connected_components(coo_matrix(adj), directed=False)
+    if nc != n_molecules:
+        raise BuildError(path, "bad_input", f"{N} atoms form {nc} bonded molecules, expected {n_molecules} "
+                         "(add a mol_idx column via extended XYZ, or order the atoms molecule by molecule)")
+    blocks = [np.flatnonzero(lab == c) for c in range(nc)]
+    ref = blocks[0]
+    out = [X[ref]]
+    for b in blocks[1:]:
+        if len(b) != len(ref) or sorted(Z[b]) != sorted(Z[ref]):
+            raise BuildError(path, "bad_input", "the bonded molecules differ in composition")
+        got = match_rigid(X[ref], X[b], Z[ref], Z[b], tol=tol)
+        if got is None:
+            raise BuildError(path, "bad_input", "a molecule is not a rigid copy of the first one")
+        out.append(X[b][got[0]])
+    return Z[ref].astype(np.int64), np.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# single molecules and boxed CIF
+# --------------------------------------------------------------------------------------------------------
+def read_single_molecule(path, add_hydrogens: bool = True):
+    """Read one molecule (SDF/MOL via RDKit, anything else via ASE).
+
+    Args:
+        path: ``.sdf``/``.mol`` (first record) or ``.xyz``/``.pdb``/...
+        add_hydrogens: for SDF/MOL without explicit H, add them with 3-D coordinates (RDKit).
+
+    Returns:
+        ``(species (n,), positions (n, 3))``.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".sdf", ".mol", ".mdl"):
+        from rdkit import Chem
+
+        if path.suffix.lower() == ".sdf":
+            mol = next(iter(Chem.SDMolSupplier(str(path), removeHs=False)), None)
+        else:
+            mol = Chem.MolFromMolFile(str(path), removeHs=False)
+        if mol is None or mol.GetNumConformers() == 0:
+            raise BuildError(path, "bad_input", "RDKit could not read a 3-D molecule from the file")
+        if add_hydrogens and not any(a.GetAtomicNum() == 1 for a in mol.GetAtoms()):
+            mol = Chem.AddHs(mol, addCoords=True)
+        z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
+        return z, mol.GetConformer().GetPositions().astype(np.float64)
+    from ase.io import read
+
+    try:
+        atoms = read(str(path), index=0)
+    except Exception as e:  # noqa: BLE001
+        raise BuildError(path, "bad_input", f"cannot read with ASE: {type(e).__name__}: {e}") from None
+    if len(atoms) == 0:
+        raise BuildError(path, "bad_input", "no atoms")
+    return atoms.get_atomic_numbers().astype(np.int64), atoms.get_positions().astype(np.float64)
+
+
+def molecule_from_smiles(smiles: str, seed: int = 0):
+    """3-D molecule with explicit H from SMILES: RDKit ETKDGv3 embedding + MMFF94 relaxation.
+
+    Returns:
+        ``(species (n,), positions (n, 3))``.
+
+    Raises:
+        BuildError: ``bad_input`` for an invalid SMILES or a failed embedding.
+    """
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise BuildError(f"SMILES '{smiles}'", "bad_input", "RDKit cannot parse the SMILES")
+    mol = Chem.AddHs(mol)
+    params = AllChem.ETKDGv3()
+    params.randomSeed = int(seed)
+    if AllChem.EmbedMolecule(mol, params) != 0:
+        raise BuildError(f"SMILES '{smiles}'", "bad_input", "3-D embedding (ETKDG) failed")
+    if AllChem.MMFFHasAllMoleculeParams(mol):
+        AllChem.MMFFOptimizeMolecule(mol, maxIters=2000)
+    z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
+    return z, mol.GetConformer().GetPositions().astype(np.float64)
+
+
+def write_cluster_cif(path, species, positions, padding: float = 10.0) -> Path:
+    """Write a cluster as a P1 CIF in an orthorhombic box (``padding`` A of vacuum on each side).
+
+    Args:
+        species: ``(n,)`` atomic numbers of one molecule.
+        positions: ``(M, n, 3)`` cluster (or ``(N, 3)`` atoms with ``species`` of length N).
+    """
+    from ase import Atoms
+    from ase.io import write
+
+    pos = np.asarray(positions, dtype=np.float64)
+    z = np.asarray(species)
+    if pos.ndim == 3:
+        z = np.tile(z, pos.shape[0])
+        pos = pos.reshape(-1, 3)
+    lo, hi = pos.min(0), pos.max(0)
+    atoms = Atoms(numbers=z, positions=pos - lo + padding, cell=np.diag(hi - lo + 2 * padding), pbc=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(str(path), atoms, format="cif")
+    return path

@@ -1,0 +1,488 @@
+"""SE(3)- and permutation-equivariant assembly network for clusters of 17 rigid molecules.
+
+``AssemblyNet(x_k, k, batch=..., node_features=..., template_cache=None) -> (B, 17, 6)``: per molecule two
+lab-frame vectors ``[dc, omega]`` = the predicted residual from the current rigid state to the endpoint
+(``c_1 - c_k`` in Å and the rotation vector ``Log(R_1 R_k^T)``).
+
+Three stages, each placed where its inputs change:
+
+1. **Template encoder** (once per cluster, not per copy nor per step; cache it with
+   :meth:`AssemblyNet.encode_templates`): e3nn equivariant convolutions on the intramolecular radius graph
+   of the body-frame template. Gives per-atom invariant scalars ``s_a`` (same for all 17 copies) and pooled
+   body-frame ``1o``/``1e`` vectors, which copy ``i`` rotates into the lab frame with its ``R_i``.
+2. **Contacts at the current state**: atom-atom distances between different molecules (dense per molecule
+   pair, only for pairs whose bounding spheres come within the cutoff - the others have no contact by the
+   triangle inequality, so the pruning is exact). Aggregated per directed pair ``(i, j)`` *through the
+   template atoms*: which atoms of ``i`` touch ``j`` at which distance (invariant ``sum_a rbf(d_a) s_a``),
+   contact vectors, lever arms, torques and quadrupoles weighted by ``s_a``. Learned multipoles
+   ``sum_a s_a Y_l(x_a - c_i)`` (l = 1, 2) give each copy's orientation in the lab frame: l = 2 is needed
+   because the l = 1 moments of a centrosymmetric / D2 molecule (acenes) vanish.
+3. **Molecule-level message passing**, all-to-all over the 17 molecules (no cutoff: loose states are tens
+   of Å wide), as dense ``(B, 17, 17)`` edge tensors: e3nn ``uvu`` tensor products of neighbour features with
+   spherical harmonics of ``c_j - c_i`` (weights from an MLP of centroid distance, contact invariants, the
+   two endpoint scalars), plus gated linear maps of the equivariant contact features, then a ``Gate``.
+
+Symmetry: only differences of positions enter, so the output is translation invariant; every vector is
+built from lab-frame positions or rotated by ``R_i`` so the output is rotation equivariant
+(``c -> Q c + t, R -> Q R`` gives ``out -> Q out``); molecules are treated identically and aggregated by sums,
+so the output is permutation equivariant. The network depends on the atom positions only: re-choosing a
+template's body frame (``t -> Q0 t, R -> R Q0^T``) leaves the output unchanged. Parity is tracked (``dc`` is
+``1o``, the rotation vector ``omega`` a pseudovector ``1e``; torques come from ``1o x 1o -> 1e``) but only
+proper rotations act on rigid states, so only rotation equivariance is tested.
+
+Vectors are Cartesian ``(x, y, z)`` outside this module; they are mapped to e3nn's l = 1 component order on
+the way in (``_TO_E3NN``) and back on the way out (``_FROM_E3NN``); in e3nn 0.6 both are the identity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from e3nn import o3
+from e3nn.nn import FullyConnectedNet, Gate
+from torch import nn
+from torch_geometric.utils import scatter
+
+from .batch import ClusterBatch, RigidState
+
+__all__ = ["AssemblyNet", "TemplateCache", "TemplateEncoder"]
+
+def _l1_basis() -> list[int]:
+    """Component order of e3nn's l = 1 basis in Cartesian terms (``(x, y, z)`` in e3nn 0.6, ``(y, z, x)``
+    in older releases): read off the l = 1 spherical harmonics of the unit vectors."""
+    sh = o3.spherical_harmonics(1, torch.eye(3), normalize=False)
+    return sh.abs().argmax(0).tolist()  # component m of e3nn's l=1 is Cartesian axis [m]
+
+
+_TO_E3NN = _l1_basis()
+_FROM_E3NN = [_TO_E3NN.index(i) for i in range(3)]
+
+
+def _to_e3nn(v: torch.Tensor) -> torch.Tensor:
+    return v[..., _TO_E3NN]
+
+
+def _envelope(u: torch.Tensor) -> torch.Tensor:
+    """Polynomial cutoff (p = 6, DimeNet): 1 at 0, 0 with two vanishing derivatives at u >= 1."""
+    u = u.clamp(0.0, 1.0)
+    u6 = u**6
+    return 1.0 - 28.0 * u6 + 48.0 * u6 * u - 21.0 * u6 * u * u
+
+
+def _gaussians(d: torch.Tensor, start: float, stop: float, num: int) -> torch.Tensor:
+    """Gaussian radial basis ``(..., num)``."""
+    mu = torch.linspace(start, stop, num, dtype=d.dtype, device=d.device)
+    gamma = 1.0 / (mu[1] - mu[0]) ** 2 if num > 1 else 1.0
+    return torch.exp(-0.5 * gamma * (d[..., None] - mu) ** 2)
+
+
+def _bessel(d: torch.Tensor, cutoff: float, num: int) -> torch.Tensor:
+    """Bessel basis ``sin(n pi d / rc) / d`` times the envelope, ``(..., num)``."""
+    n = torch.arange(1, num + 1, dtype=d.dtype, device=d.device)
+    d = d[..., None].clamp_min(1e-6)
+    return math.sqrt(2.0 / cutoff) * torch.sin(n * math.pi * d / cutoff) / d * _envelope(d / cutoff)
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(a, b), nn.SiLU()]
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    return nn.Sequential(*layers)
+
+
+def _uvu_tp(irreps_in: o3.Irreps, irreps_sh: o3.Irreps, irreps_keep: o3.Irreps) -> o3.TensorProduct:
+    """Depthwise (``uvu``) tensor product with external per-edge weights, keeping the output irreps that
+    occur in ``irreps_keep`` (NequIP-style convolution)."""
+    keep = {ir for _, ir in irreps_keep}
+    mid, instr = [], []
+    for i, (mul, ir_in) in enumerate(irreps_in):
+        for j, (_, ir_sh) in enumerate(irreps_sh):
+            for ir in ir_in * ir_sh:
+                if ir in keep:
+                    instr.append((i, j, len(mid), "uvu", True))
+                    mid.append((mul, ir))
+    return o3.TensorProduct(
+        irreps_in, irreps_sh, o3.Irreps(mid), instr, shared_weights=False, internal_weights=False
+    )
+
+
+def _gate(irreps_out: o3.Irreps) -> Gate:
+    """Gate producing ``irreps_out``: SiLU on scalars, sigmoid gates on the other irreps."""
+    scalars = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l == 0])
+    gated = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l > 0])
+    gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps("")
+    return Gate(scalars, [F.silu] * len(scalars), gates, [torch.sigmoid] * len(gates), gated)
+
+
+def _channel_index(irreps: o3.Irreps) -> torch.Tensor:
+    """Index ``(irreps.dim,)`` mapping each component to its channel (for per-channel scalar gates)."""
+    idx, ch = [], 0
+    for mul, ir in irreps:
+        for _ in range(mul):
+            idx += [ch] * ir.dim
+            ch += 1
+    return torch.tensor(idx, dtype=torch.long)
+
+
+class _Conv(nn.Module):
+    """Point convolution on a sparse graph: ``uvu`` TP with SH of the edge, radial MLP weights, Gate."""
+
+    def __init__(self, irreps_in, irreps_out, irreps_sh, num_radial: int, avg_neighbors: float):
+        super().__init__()
+        self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        self.tp = _uvu_tp(self.irreps_in, o3.Irreps(irreps_sh), self.irreps_out)
+        self.radial = FullyConnectedNet([num_radial, 32, self.tp.weight_numel], act=F.silu)
+        self.gate = _gate(self.irreps_out)
+        self.lin = o3.Linear(self.tp.irreps_out, self.gate.irreps_in)
+        self.self_lin = o3.Linear(self.irreps_in, self.gate.irreps_in)
+        self.norm = 1.0 / math.sqrt(avg_neighbors)
+        self.residual = self.irreps_in == self.gate.irreps_out
+
+    def forward(self, h, src, dst, sh, radial):
+        msg = self.tp(h[src], sh, self.radial(radial))
+        agg = scatter(msg, dst, dim=0, dim_size=h.shape[0], reduce="sum") * self.norm
+        out = self.gate(self.lin(agg) + self.self_lin(h))
+        return out + h if self.residual else out
+
+
+@dataclass
+class TemplateCache:
+    """Template-encoder output, valid for every copy and every step of the same clusters.
+
+    Attributes:
+        atom_scalars: ``(A_t, S)`` invariant per-atom features.
+        pooled_scalars: ``(B, S)`` per-molecule-type invariants.
+        pooled_vectors: ``(B, V, 3)`` body-frame Cartesian vectors (``V/2`` of type 1o then ``V/2`` 1e).
+    """
+
+    atom_scalars: torch.Tensor
+    pooled_scalars: torch.Tensor
+    pooled_vectors: torch.Tensor
+
+    def to(self, device=None, dtype=None) -> "TemplateCache":
+        return TemplateCache(*(t.to(device=device, dtype=dtype) for t in
+                               (self.atom_scalars, self.pooled_scalars, self.pooled_vectors)))
+
+
+class TemplateEncoder(nn.Module):
+    """e3nn convolutions on the intramolecular radius graph of each body-frame template.
+
+    Args:
+        num_species: size of the atomic-number embedding.
+        scalars: scalar channels (``0e``).
+        vectors: ``1o`` and ``1e`` channels each.
+        layers: number of convolutions.
+        cutoff: radius graph cutoff (Å).
+        num_radial: Bessel functions.
+    """
+
+    def __init__(self, num_species=120, scalars=32, vectors=8, layers=3, cutoff=4.5, num_radial=8):
+        super().__init__()
+        self.cutoff, self.num_radial, self.vectors = cutoff, num_radial, vectors
+        self.embed = nn.Embedding(num_species, scalars)
+        self.irreps_sh = o3.Irreps.spherical_harmonics(2)
+        hidden = o3.Irreps(f"{scalars}x0e+{vectors}x1o+{vectors}x1e")
+        # Input: species embedding + the atom's (scaled) position relative to the centroid.
+        irreps_in = o3.Irreps(f"{scalars}x0e+1x1o")
+        self.convs = nn.ModuleList(
+            [_Conv(irreps_in if i == 0 else hidden, hidden, self.irreps_sh, num_radial, 12.0)
+             for i in range(layers)]
+        )
+        self.scalars = scalars
+
+    def forward(self, batch: ClusterBatch) -> TemplateCache:
+        """Encode the templates of ``batch`` (one pass per cluster, shared by its 17 copies)."""
+        t = batch.template.to(self.embed.weight.dtype)
+        with torch.no_grad():
+            tp = batch.template_padded.to(t.dtype)
+            d = torch.cdist(tp, tp)
+            ok = batch.pad_mask[:, :, None] & batch.pad_mask[:, None, :] & (d < self.cutoff)
+            ok &= ~torch.eye(batch.n_max, dtype=torch.bool, device=d.device)
+            b, a_dst, a_src = ok.nonzero(as_tuple=True)
+            dst, src = batch.pad_index[b, a_dst], batch.pad_index[b, a_src]
+        vec = t[src] - t[dst]
+        dist = vec.norm(dim=-1)
+        sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
+        radial = _bessel(dist, self.cutoff, self.num_radial)
+        h = torch.cat([self.embed(batch.species), _to_e3nn(t) / 5.0], dim=-1)
+        for conv in self.convs:
+            h = conv(h, src, dst, sh, radial)
+        S, V = self.scalars, self.vectors
+        atom_scalars = h[:, :S]
+        vecs = h[:, S:].reshape(-1, 2 * V, 3)[..., _FROM_E3NN]  # 1o block then 1e block, Cartesian
+        B = batch.num_clusters
+        pooled_s = scatter(atom_scalars, batch.template_batch, dim=0, dim_size=B, reduce="mean")
+        pooled_v = scatter(vecs, batch.template_batch, dim=0, dim_size=B, reduce="mean")
+        return TemplateCache(atom_scalars, pooled_s, pooled_v)
+
+
+class _MolLayer(nn.Module):
+    """All-to-all equivariant message passing over the molecules of each cluster (dense edges)."""
+
+    def __init__(self, irreps_h: o3.Irreps, irreps_sh: o3.Irreps, irreps_ev: o3.Irreps, edge_dim: int,
+                 n_scalars: int):
+        super().__init__()
+        self.n_scalars = n_scalars
+        self.pre = o3.Linear(irreps_h, irreps_h)
+        self.tp = _uvu_tp(irreps_h, irreps_sh, irreps_h)
+        self.weights = _mlp([edge_dim + 2 * n_scalars, 64, self.tp.weight_numel])
+        self.ev_lin = o3.Linear(irreps_ev, irreps_h)
+        self.ev_gate = _mlp([edge_dim, 64, irreps_h.num_irreps])
+        self.register_buffer("channel", _channel_index(irreps_h), persistent=False)
+        self.gate = _gate(irreps_h)
+        self.lin = o3.Linear(self.tp.irreps_out, self.gate.irreps_in)
+        self.msg_lin = o3.Linear(irreps_h, self.gate.irreps_in)
+        self.self_lin = o3.Linear(irreps_h, self.gate.irreps_in)
+
+    def forward(self, h, sh, z, ev, offdiag):
+        """h ``(B, M, D)``; sh ``(B, M, M, 9)``; z ``(B, M, M, E)``; ev ``(B, M, M, D_ev)``;
+        offdiag ``(M, M, 1)`` float mask. Edge ``(i, j)`` carries the message from ``j`` to ``i``."""
+        B, M, D = h.shape
+        s = h[..., : self.n_scalars]
+        zz = torch.cat([z, s[:, :, None].expand(B, M, M, -1), s[:, None].expand(B, M, M, -1)], dim=-1)
+        hj = self.pre(h)[:, None].expand(B, M, M, D)
+        msg = self.tp(hj.reshape(-1, D), sh.reshape(B * M * M, -1), self.weights(zz).reshape(B * M * M, -1))
+        msg = msg.reshape(B, M, M, -1)
+        emsg = self.ev_lin(ev) * self.ev_gate(z)[..., self.channel]
+        # Sum over the M - 1 other molecules; 1/4 ~ 1/sqrt(16) keeps the scale of the sum.
+        agg = ((msg * offdiag).sum(2) * 0.25, (emsg * offdiag).sum(2) * 0.25)
+        out = self.gate(self.lin(agg[0]) + self.msg_lin(agg[1]) + self.self_lin(h))
+        return h + out
+
+
+class AssemblyNet(nn.Module):
+    """Equivariant endpoint-residual network for rigid molecular assembly.
+
+    Args:
+        node_feature_dim: ``F``, invariant per-molecule features passed as ``node_features (B, 17, F)``.
+        num_species: atomic-number embedding size.
+        enc_scalars, enc_vectors, enc_layers, template_cutoff: template encoder (see
+            :class:`TemplateEncoder`).
+        hidden_scalars, hidden_vectors, hidden_l2: molecule-level irreps
+            ``{s}x0e + {v}x1o + {v}x1e + {l2}x2e``.
+        mol_layers: molecule-level message-passing layers.
+        contact_cutoff: atom-atom contact cutoff between molecules (Å).
+        contact_channels: ``S``, template-atom channels the contact features are resolved into.
+        contact_rbf: radial functions of per-atom contact distances.
+        softmin_tau: temperature of the soft-min contact distance (Å).
+        pos_scale: length unit of centroid vectors and of the ``dc`` output (Å).
+        length_unit: length unit of lever arms and contact vectors (Å).
+    """
+
+    def __init__(
+        self,
+        node_feature_dim: int = 0,
+        num_species: int = 120,
+        enc_scalars: int = 32,
+        enc_vectors: int = 8,
+        enc_layers: int = 3,
+        template_cutoff: float = 4.5,
+        hidden_scalars: int = 64,
+        hidden_vectors: int = 16,
+        hidden_l2: int = 8,
+        mol_layers: int = 3,
+        contact_cutoff: float = 6.0,
+        contact_channels: int = 8,
+        contact_rbf: int = 8,
+        softmin_tau: float = 0.5,
+        pos_scale: float = 10.0,
+        length_unit: float = 5.0,
+    ):
+        super().__init__()
+        self.node_feature_dim = node_feature_dim
+        self.rc, self.tau, self.K = contact_cutoff, softmin_tau, contact_rbf
+        self.pos_scale, self.length_unit = pos_scale, length_unit
+        self.encoder = TemplateEncoder(num_species, enc_scalars, enc_vectors, enc_layers, template_cutoff)
+        S = contact_channels
+        self.S1 = S + 1  # + a constant channel: plain (not atom-resolved) sums
+        self.contact_proj = nn.Linear(enc_scalars, S)
+        self.multipole_proj = nn.Linear(enc_scalars, S)
+        self.k_freq = nn.Parameter(torch.logspace(0, 2, 16) * 2 * math.pi, requires_grad=False)
+        self.k_mlp = _mlp([32, 32, 32])
+
+        self.irreps_h = o3.Irreps(
+            f"{hidden_scalars}x0e+{hidden_vectors}x1o+{hidden_vectors}x1e+{hidden_l2}x2e"
+        )
+        self.irreps_sh = o3.Irreps.spherical_harmonics(2)
+        # Node inputs: pooled body vectors (rotated), learned dipoles/quadrupoles, position in the cluster.
+        self.irreps_node_vec = o3.Irreps(f"{enc_vectors}x1o+{enc_vectors}x1e+{S}x1o+{S}x2e+1x1o")
+        self.node_scalar_in = _mlp([enc_scalars + 32 + node_feature_dim + 1, 64, hidden_scalars])
+        self.node_vec_in = o3.Linear(self.irreps_node_vec, o3.Irreps(self.irreps_h[1:]))
+        # Edge equivariant features, per side (i's atoms w.r.t. j, then j's w.r.t. i), + c_j - c_i.
+        S1 = self.S1
+        self.irreps_ev = o3.Irreps(f"{2 * S1}x1o+{S1}x1e+{S1}x2e+{2 * S1}x1o+{S1}x1e+{S1}x2e+1x1o")
+        contact_scalar_dim = 1 + contact_rbf + contact_rbf * S1
+        self.num_centroid_rbf = 24
+        self.edge_mlp = _mlp([self.num_centroid_rbf + 2 * contact_scalar_dim, 64, 64])
+        self.layers = nn.ModuleList(
+            [_MolLayer(self.irreps_h, self.irreps_sh, self.irreps_ev, 64, hidden_scalars)
+             for _ in range(mol_layers)]
+        )
+        self.head = o3.Linear(self.irreps_h, o3.Irreps("1x1o+1x1e"))
+
+    # ------------------------------------------------------------------ stages
+    def encode_templates(self, batch: ClusterBatch) -> TemplateCache:
+        """Run the template encoder once for ``batch``; pass the result as ``template_cache`` to reuse it."""
+        return self.encoder(batch)
+
+    def _k_embedding(self, k: torch.Tensor) -> torch.Tensor:
+        arg = k[:, None] * self.k_freq.to(k.dtype)
+        return self.k_mlp(torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1))
+
+    def _contacts(self, xp, c, batch: ClusterBatch, s_pad, radius):
+        """Directed pair contact features.
+
+        Args:
+            xp: ``(B, M, n, 3)`` padded positions; c: ``(B, M, 3)``; s_pad: ``(B, n, S1)`` atom channels
+                (zero in padded slots); radius: ``(B,)`` template bounding radius.
+
+        Returns:
+            ``scal (B, M, M, Fs)`` and ``vec (B, M, M, D)`` (e3nn layout ``2S1x1o+S1x1e+S1x2e``) for the
+            atoms of ``i`` w.r.t. ``j`` at ``[b, i, j]``; zero for pairs out of contact range.
+        """
+        B, M, n, _ = xp.shape
+        rc, tau, L = self.rc, self.tau, self.length_unit
+        S1, K = self.S1, self.K
+        Fs = 1 + K + K * S1
+        Dv = 3 * 2 * S1 + 3 * S1 + 5 * S1
+        with torch.no_grad():
+            dc = torch.cdist(c, c)
+            reach = 2 * radius[:, None, None] + rc
+            keep = (dc < reach) & torch.ones(M, M, dtype=torch.bool, device=c.device).triu(1)
+            bi, ii, jj = keep.nonzero(as_tuple=True)
+        scal = xp.new_zeros(B, M, M, Fs)
+        vec = xp.new_zeros(B, M, M, Dv)
+        if bi.numel() == 0:
+            return scal, vec
+        ci, cj = c[bi, ii], c[bi, jj]
+        # Positions relative to c_i (small numbers: exact translation invariance, good float32 precision).
+        xi = xp[bi, ii] - ci[:, None]
+        xj = xp[bi, jj] - ci[:, None]
+        mask = batch.pad_mask[bi]
+        m = mask[:, :, None] & mask[:, None, :]
+        d2 = (xi * xi).sum(-1)[:, :, None] + (xj * xj).sum(-1)[:, None, :] - 2 * xi @ xj.transpose(1, 2)
+        d = torch.sqrt(d2.clamp_min(0.0) + 1e-10)
+        w = _envelope(d / rc) * m  # contact weight, exactly 0 beyond rc and on padded slots
+        q = w * torch.exp((rc - d) / tau)  # soft-min weights, relative to rc for float32 range
+        s = s_pad[bi]
+        lev_i = xi / L
+        lev_j = (xp[bi, jj] - cj[:, None]) / L
+        side_i = self._side(w.sum(2), q.sum(2), (w @ xj - w.sum(2)[..., None] * xi) / L, lev_i, s)
+        wt = w.transpose(1, 2)
+        side_j = self._side(wt.sum(2), q.sum(1), (wt @ xi - wt.sum(2)[..., None] * xj) / L, lev_j, s)
+        scal = scal.index_put((bi, ii, jj), side_i[0]).index_put((bi, jj, ii), side_j[0])
+        vec = vec.index_put((bi, ii, jj), side_i[1]).index_put((bi, jj, ii), side_j[1])
+        return scal, vec
+
+    def _side(self, n_a, p_a, v_a, lev, s):
+        """Reduce one side of a pair block to pair features.
+
+        Args:
+            n_a: ``(P, n)`` contact counts per atom; p_a: ``(P, n)`` soft-min sums; v_a: ``(P, n, 3)``
+            contact vectors (towards the other molecule); lev: ``(P, n, 3)`` lever arms; s: ``(P, n, S1)``.
+        """
+        rc, tau = self.rc, self.tau
+        dsoft = rc - tau * torch.log1p(p_a)  # <= rc, == rc without contacts
+        e_a = _gaussians(dsoft, 1.0, rc, self.K) * _envelope(dsoft / rc)[..., None]  # (P, n, K)
+        count = n_a.sum(1)
+        dpair = rc - tau * torch.log1p(p_a.sum(1))
+        e_pair = _gaussians(dpair, 1.0, rc, self.K) * _envelope(dpair / rc)[..., None]
+        which = torch.einsum("pak,pas->pks", e_a, s).flatten(1)
+        scal = torch.cat([torch.log1p(count)[:, None], e_pair, which], dim=-1)
+        norm = 1.0 / (1.0 + count)[:, None, None]
+        ns = n_a[..., None] * s  # (P, n, S1)
+        cv = torch.einsum("pax,pas->psx", v_a, s) * norm
+        arm = torch.einsum("pax,pas->psx", lev, ns) * norm
+        torque = torch.einsum("pax,pas->psx", torch.cross(lev, v_a, dim=-1), s) * norm
+        y2 = o3.spherical_harmonics(2, lev, normalize=False, normalization="component")
+        quad = torch.einsum("pay,pas->psy", y2, ns) * norm
+        P = s.shape[0]
+        vec = torch.cat(
+            [_to_e3nn(torch.cat([cv, arm], 1)).reshape(P, -1), _to_e3nn(torque).reshape(P, -1),
+             quad.reshape(P, -1)], dim=-1)
+        return scal, vec
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x_k: RigidState,
+        k: torch.Tensor,
+        batch: ClusterBatch,
+        node_features: torch.Tensor | None = None,
+        template_cache: TemplateCache | None = None,
+    ) -> torch.Tensor:
+        """Predict the residual to the endpoint.
+
+        Args:
+            x_k: current rigid state, ``c (B, 17, 3)``, ``R (B, 17, 3, 3)``.
+            k: ``(B,)`` flow time.
+            batch: the clusters' templates.
+            node_features: ``(B, 17, F)`` invariant per-molecule features (``F = node_feature_dim``).
+            template_cache: output of :meth:`encode_templates` for the same ``batch`` (skips the encoder).
+
+        Returns:
+            ``(B, 17, 6)``: ``[dc (Å), omega (rad)]`` in the lab frame.
+        """
+        c, R = x_k.c, x_k.R
+        B, M = c.shape[:2]
+        batch._check_state(c, R)
+        if k.shape != (B,):
+            raise ValueError(f"k must have shape ({B},), got {tuple(k.shape)}")
+        if self.node_feature_dim:
+            if node_features is None or tuple(node_features.shape) != (B, M, self.node_feature_dim):
+                got = None if node_features is None else tuple(node_features.shape)
+                raise ValueError(f"node_features must have shape ({B}, {M}, {self.node_feature_dim}), got {got}")
+        cache = template_cache if template_cache is not None else self.encoder(batch)
+        if cache.pooled_scalars.shape[0] != B:
+            raise ValueError("template_cache was built for a different batch")
+
+        # Per-atom template channels (shared by all copies), padded (B, n, .)
+        valid = batch.pad_mask[..., None].to(c.dtype)
+        ones = torch.ones_like(cache.atom_scalars[:, :1])
+        s_c = torch.cat([self.contact_proj(cache.atom_scalars), ones], -1)[batch.pad_index] * valid
+        s_m = self.multipole_proj(cache.atom_scalars)[batch.pad_index] * valid
+        n_atoms = batch.num_atoms.to(c.dtype)[:, None, None, None]
+
+        xp = batch.positions_padded(c, R)  # (B, M, n, 3)
+        lev = (xp - c[:, :, None]) / self.length_unit
+        with torch.no_grad():
+            radius = (batch.template_padded.norm(dim=-1) * batch.pad_mask).amax(1).to(c.dtype)
+
+        # ---- node inputs
+        center = c.mean(1, keepdim=True)
+        rel = (c - center) / self.pos_scale
+        y1 = torch.einsum("bmnx,bns->bmsx", lev, s_m) / n_atoms
+        y2 = torch.einsum("bmny,bns->bmsy",
+                          o3.spherical_harmonics(2, lev, normalize=False, normalization="component"),
+                          s_m) / n_atoms
+        body = torch.einsum("bmij,bvj->bmvi", R, cache.pooled_vectors)  # rotate body -> lab
+        nvec = torch.cat([_to_e3nn(body).flatten(2), _to_e3nn(y1).flatten(2), y2.flatten(2),
+                          _to_e3nn(rel)], dim=-1)
+        parts = [cache.pooled_scalars[:, None].expand(B, M, -1), self._k_embedding(k)[:, None].expand(B, M, -1)]
+        if self.node_feature_dim:
+            parts.append(node_features.to(c.dtype))
+        parts.append(rel.norm(dim=-1, keepdim=True))
+        h = torch.cat([self.node_scalar_in(torch.cat(parts, -1)), self.node_vec_in(nvec)], dim=-1)
+
+        # ---- edges (dense, i receives from j)
+        cs, cv = self._contacts(xp, c, batch, s_c, radius)
+        cij = c[:, None, :, :] - c[:, :, None, :]  # c_j - c_i at [b, i, j]
+        dij = cij.norm(dim=-1)
+        eye = torch.eye(M, dtype=torch.bool, device=c.device)
+        # Diagonal entries are masked out of every sum; give them a harmless direction (no NaN in SH).
+        safe = torch.where(eye[..., None], torch.ones_like(cij), cij)
+        sh = o3.spherical_harmonics(self.irreps_sh, safe, normalize=True, normalization="component")
+        z = self.edge_mlp(torch.cat([_gaussians(dij, 0.0, 60.0, self.num_centroid_rbf), cs,
+                                     cs.transpose(1, 2)], dim=-1))
+        cv_t = cv.transpose(1, 2)
+        ev = torch.cat([cv, cv_t, _to_e3nn(cij) / self.pos_scale], dim=-1)
+        offdiag = (~eye).to(c.dtype)[..., None]
+        for layer in self.layers:
+            h = layer(h, sh, z, ev, offdiag)
+        out = self.head(h)  # (B, M, 6): 1o then 1e, e3nn order
+        dc = out[..., 0:3][..., _FROM_E3NN] * self.pos_scale
+        omega = out[..., 3:6][..., _FROM_E3NN]
+        return torch.cat([dc, omega], dim=-1)

@@ -1,0 +1,127 @@
+"""SO(3) helpers for rigid molecules, batched over leading dimensions (torch, float32/float64).
+
+Rotation vectors (axis * angle) are the Lie-algebra coordinates used by the rigid K-path. The maps go
+through unit quaternions (``roma``), which keeps them stable both near the identity and near angle pi.
+"""
+from __future__ import annotations
+
+import roma
+import torch
+
+__all__ = ["exp", "log", "kabsch", "random_rotation", "geodesic_distance", "hat"]
+
+
+def hat(omega: torch.Tensor) -> torch.Tensor:
+    """Skew-symmetric matrix of a vector.
+
+    Args:
+        omega: ``(..., 3)``.
+
+    Returns:
+        ``(..., 3, 3)`` with ``hat(a) @ b == cross(a, b)``.
+    """
+    x, y, z = omega.unbind(-1)
+    zero = torch.zeros_like(x)
+    return torch.stack(
+        [torch.stack([zero, -z, y], -1), torch.stack([z, zero, -x], -1), torch.stack([-y, x, zero], -1)], -2
+    )
+
+
+def exp(omega: torch.Tensor) -> torch.Tensor:
+    """Exponential map: rotation vector -> rotation matrix.
+
+    Args:
+        omega: ``(..., 3)`` rotation vectors (axis times angle, radians).
+
+    Returns:
+        ``(..., 3, 3)`` proper rotation matrices.
+    """
+    if omega.shape[-1] != 3:
+        raise ValueError(f"so3.exp expects (..., 3), got {tuple(omega.shape)}")
+    # roma works through the unit quaternion (cos(t/2), sin(t/2) axis) with a Taylor branch at 0.
+    return roma.rotvec_to_rotmat(omega)
+
+
+def log(R: torch.Tensor) -> torch.Tensor:
+    """Logarithm map (shortest arc): rotation matrix -> rotation vector with ``|omega| <= pi``.
+
+    Args:
+        R: ``(..., 3, 3)`` rotation matrices.
+
+    Returns:
+        ``(..., 3)`` rotation vectors. Near pi the axis sign is the one of the (w >= 0) quaternion.
+    """
+    if R.shape[-2:] != (3, 3):
+        raise ValueError(f"so3.log expects (..., 3, 3), got {tuple(R.shape)}")
+    # Quaternion extraction (Shepperd-style branch on the largest component) is stable at all angles;
+    # the direct (R - R^T)/2 sin formula is not near pi.
+    return roma.rotmat_to_rotvec(R)
+
+
+def kabsch(P: torch.Tensor, Q: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Optimal proper rotation aligning centred ``P`` onto centred ``Q``.
+
+    Solves ``argmin_R sum_a w_a |R (P_a - cP) - (Q_a - cQ)|^2`` over SO(3) (a reflection is never
+    returned: the SVD sign is fixed by ``roma.special_procrustes``).
+
+    Args:
+        P: ``(..., n, 3)`` source points.
+        Q: ``(..., n, 3)`` target points (same atom order).
+        weights: optional ``(..., n)`` non-negative weights (centroids are weighted the same way).
+
+    Returns:
+        ``(..., 3, 3)`` rotation ``R`` with ``R @ (P - cP) ~= Q - cQ``.
+    """
+    if P.shape[-1] != 3 or P.shape[-2:] != Q.shape[-2:]:
+        raise ValueError(f"kabsch: incompatible shapes {tuple(P.shape)} and {tuple(Q.shape)}")
+    if weights is None:
+        cP = P.mean(-2, keepdim=True)
+        cQ = Q.mean(-2, keepdim=True)
+        Pc, Qc = P - cP, Q - cQ
+        M = Qc.transpose(-1, -2) @ Pc  # (..., 3, 3) = sum_a q_a p_a^T
+    else:
+        w = weights.to(P.dtype).unsqueeze(-1)
+        wsum = w.sum(-2, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
+        cP = (w * P).sum(-2, keepdim=True) / wsum
+        cQ = (w * Q).sum(-2, keepdim=True) / wsum
+        Pc, Qc = P - cP, Q - cQ
+        M = Qc.transpose(-1, -2) @ (w * Pc)
+    # argmax_R sum_a q_a^T R p_a = closest rotation (Frobenius) to M.
+    return roma.special_procrustes(M)
+
+
+def random_rotation(
+    shape: tuple[int, ...] | int = (),
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Uniform (Haar) random rotations.
+
+    Args:
+        shape: leading batch shape.
+        generator: torch generator for reproducibility.
+        dtype, device: of the result.
+
+    Returns:
+        ``(*shape, 3, 3)`` rotation matrices.
+    """
+    if isinstance(shape, int):
+        shape = (shape,)
+    # A normalised 4-D Gaussian is uniform on S^3, hence Haar on SO(3) through the double cover.
+    q = torch.randn((*shape, 4), generator=generator, dtype=dtype, device=device)
+    q = q / q.norm(dim=-1, keepdim=True)
+    return roma.unitquat_to_rotmat(q)
+
+
+def geodesic_distance(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
+    """Angle (radians, in [0, pi]) of the relative rotation ``R1^T R2``.
+
+    Args:
+        R1, R2: ``(..., 3, 3)`` broadcastable rotation matrices.
+
+    Returns:
+        ``(...)`` angles.
+    """
+    # |R2 - R1|_F = 2 sqrt(2) sin(alpha / 2): accurate near 0, unlike acos((tr - 1) / 2).
+    return roma.rotmat_geodesic_distance(R1, R2)

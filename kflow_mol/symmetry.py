@@ -1,0 +1,226 @@
+"""Proper point-group symmetry (automorphisms) of a rigid molecule, and closest equivalent labellings.
+
+Symmetry-equivalent orientations of a molecule are the *same* physical pose with the atom labels permuted,
+so a model cannot tell which of them a data set's labels chose. The training target, the symmetry-aware
+metrics and the oracles all relabel each target molecule to the equivalent orientation closest to the
+current one (:func:`closest_equivalent`).
+
+Method (geometric, chosen over graph automorphisms): a graph-automorphism enumeration
+(RDKit ``GetSubstructMatches(m, m, uniquify=False)``) explodes as ``3^k`` on molecules with ``k`` methyl
+groups, and most of those permutations are not geometric symmetries, so capping the enumeration can miss
+the real ones. Instead, a proper rotation about the centroid is fixed by the images of two non-collinear
+atoms: take a reference pair ``(a, b)`` from the smallest classes of atoms with equal species and equal
+distance to the centroid, enumerate every candidate image pair ``(a', b')`` with matching species, radii
+and ``|a - b|``, build the rotation from the two frames, match atoms species by species (Hungarian on
+distances), refine the rotation by Kabsch on the full permutation and accept it when the RMSD is below
+``tol`` and the permutation preserves the covalent bond graph. This finds every point group (including
+cubic ones, e.g. adamantane) with at most ``|class(a)| * |class(b)|`` Hungarian solves.
+
+Convention: ``rotations[g] @ x[a] ~= x[perms[g, a]]`` for centred coordinates ``x``; the identity is first.
+Relabelling a molecule's positions as ``pos[..., perms[g], :]`` gives the same rigid molecule posed with
+orientation ``R @ rotations[g]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from kflow_mol import so3
+
+__all__ = ["automorphisms", "closest_equivalent", "bond_graph", "graph_automorphism_count", "point_group_order"]
+
+
+def _covalent_radii(species: np.ndarray) -> np.ndarray:
+    from ase.data import covalent_radii  # Cordero et al. 2008, every element
+
+    species = np.asarray(species, dtype=np.int64)
+    if species.min() < 1 or species.max() >= len(covalent_radii):
+        raise ValueError(f"atomic numbers out of range: {sorted(set(species.tolist()))}")
+    return covalent_radii[species]
+
+
+def bond_graph(species: np.ndarray, pos: np.ndarray, scale: float = 1.15) -> np.ndarray:
+    """Covalent bond adjacency: ``d_ab < scale * (r_a + r_b)``.
+
+    Args:
+        species: ``(n,)`` atomic numbers.
+        pos: ``(n, 3)`` positions (Å).
+        scale: tolerance factor on the sum of covalent radii.
+
+    Returns:
+        ``(n, n)`` bool adjacency without self loops.
+    """
+    r = _covalent_radii(species)
+    d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+    adj = d < scale * (r[:, None] + r[None])
+    np.fill_diagonal(adj, False)
+    return adj
+
+
+def _frame(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Right-handed orthonormal frame (columns) from two non-collinear vectors."""
+    e1 = u / np.linalg.norm(u)
+    w = v - (v @ e1) * e1
+    e2 = w / np.linalg.norm(w)
+    return np.stack([e1, e2, np.cross(e1, e2)], axis=1)
+
+
+def _match(species: np.ndarray, moved: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Permutation p with moved[a] ~ x[p[a]], matching only atoms of the same species (Hungarian)."""
+    perm = np.empty(len(species), dtype=np.int64)
+    for z in np.unique(species):
+        idx = np.flatnonzero(species == z)
+        cost = np.linalg.norm(moved[idx, None] - x[None, idx], axis=-1)
+        rows, cols = linear_sum_assignment(cost)
+        perm[idx[rows]] = idx[cols]
+    return perm
+
+
+def _kabsch_np(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """Proper rotation R with R P_a ~ Q_a for centred (n, 3) arrays."""
+    return so3.kabsch(torch.from_numpy(P), torch.from_numpy(Q)).numpy()
+
+
+def automorphisms(
+    species: np.ndarray | torch.Tensor,
+    pos: np.ndarray | torch.Tensor,
+    tol: float = 0.1,
+    class_tol: float | None = None,
+    check_bonds: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proper rotations mapping a rigid molecule onto itself up to an atom permutation.
+
+    Args:
+        species: ``(n,)`` atomic numbers.
+        pos: ``(n, 3)`` positions of one molecule (Å).
+        tol: accept a symmetry when the RMSD between the rotated molecule and its permuted self is below
+            ``tol`` Å (after refining the rotation on all atoms).
+        class_tol: tolerance (Å) for grouping atoms by distance to the centroid when generating candidates;
+            default ``max(0.3, 3 * tol)`` so that no near-symmetry within ``tol`` RMSD is missed.
+        check_bonds: also require the permutation to preserve the covalent bond graph.
+
+    Returns:
+        ``perms (G, n)`` long and ``rotations (G, 3, 3)`` float64, identity first, sorted deterministically.
+        ``G`` is the order of the proper point group found (1 for an asymmetric molecule).
+    """
+    species = np.asarray(torch.as_tensor(species).cpu(), dtype=np.int64)
+    x = np.asarray(torch.as_tensor(pos).cpu(), dtype=np.float64)
+    n = len(species)
+    if x.shape != (n, 3):
+        raise ValueError(f"automorphisms: pos must be ({n}, 3), got {x.shape}")
+    x = x - x.mean(0)
+    class_tol = max(0.3, 3 * tol) if class_tol is None else class_tol
+    adj = bond_graph(species, x) if check_bonds else None
+    radius = np.linalg.norm(x, axis=1)
+
+    def members(a: int) -> np.ndarray:
+        return np.flatnonzero((species == species[a]) & (np.abs(radius - radius[a]) < class_tol))
+
+    accepted: dict[tuple[int, ...], np.ndarray] = {tuple(range(n)): np.eye(3)}
+
+    def consider(R0: np.ndarray) -> None:
+        perm = _match(species, x @ R0.T, x)
+        key = tuple(perm.tolist())
+        if key in accepted or len(set(key)) != n:
+            return
+        R = _kabsch_np(x, x[perm])
+        rmsd = np.sqrt(np.mean(np.sum((x @ R.T - x[perm]) ** 2, axis=1)))
+        if rmsd >= tol:
+            return
+        if adj is not None and not np.array_equal(adj[np.ix_(perm, perm)], adj):
+            return
+        accepted[key] = R
+
+    off = np.flatnonzero(radius > class_tol)
+    if len(off) > 0:
+        sizes = np.array([len(members(a)) for a in off])
+        a = off[np.argmin(sizes)]  # first atom of a smallest class: fewest candidates
+        ua = x[a] / radius[a]
+        # Non-collinear partners, ordered by class size, then by how perpendicular they are to a.
+        sin = np.linalg.norm(np.cross(ua[None], x[off] / radius[off, None]), axis=1)
+        ok = off[sin > 0.2]
+        if len(ok) > 0:
+            order = np.lexsort((-sin[sin > 0.2], sizes[sin > 0.2]))
+            b = ok[order[0]]
+            dab = np.linalg.norm(x[a] - x[b])
+            F = _frame(x[a], x[b])
+            for a2 in members(a):
+                for b2 in members(b):
+                    if a2 == b2 or abs(np.linalg.norm(x[a2] - x[b2]) - dab) > 2 * class_tol:
+                        continue
+                    if np.linalg.norm(np.cross(x[a2], x[b2])) < 1e-8:
+                        continue
+                    consider(_frame(x[a2], x[b2]) @ F.T)
+        else:
+            # Linear molecule: the proper group is infinite (C_inf); keep a C2 perpendicular to the axis
+            # when it exists (D_inf), which is all a relabelling can express.
+            perp = np.cross(ua, [1.0, 0.0, 0.0])
+            if np.linalg.norm(perp) < 0.1:
+                perp = np.cross(ua, [0.0, 1.0, 0.0])
+            perp /= np.linalg.norm(perp)
+            consider(2 * np.outer(perp, perp) - np.eye(3))
+    keys = sorted(accepted, key=lambda k: (k != tuple(range(n)), k))
+    perms = torch.tensor(keys, dtype=torch.long)
+    rots = torch.from_numpy(np.stack([accepted[k] for k in keys]))
+    return perms, rots
+
+
+def point_group_order(species: np.ndarray, pos: np.ndarray, tol: float = 0.1) -> int:
+    """Order of the proper point group of a rigid molecule (see :func:`automorphisms`)."""
+    return int(automorphisms(species, pos, tol=tol)[0].shape[0])
+
+
+def graph_automorphism_count(species: np.ndarray, pos: np.ndarray, max_matches: int = 100000) -> int:
+    """Number of automorphisms of the molecular graph (RDKit, bonds perceived from coordinates).
+
+    Used as a cross-check: every geometric symmetry is a graph automorphism, but not conversely
+    (e.g. methyl rotors give ``3^k`` graph automorphisms).
+    """
+    from rdkit import Chem
+    from rdkit.Chem import rdDetermineBonds
+
+    species = np.asarray(species)
+    lines = [str(len(species)), ""] + [
+        f"{Chem.GetPeriodicTable().GetElementSymbol(int(z))} {p[0]:.6f} {p[1]:.6f} {p[2]:.6f}"
+        for z, p in zip(species, np.asarray(pos))
+    ]
+    mol = Chem.MolFromXYZBlock("\n".join(lines))
+    rdDetermineBonds.DetermineConnectivity(mol)
+    matches = mol.GetSubstructMatches(mol, uniquify=False, useChirality=False, maxMatches=max_matches)
+    return len(matches)
+
+
+def closest_equivalent(
+    pos_target: torch.Tensor, pos_current: torch.Tensor, perms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relabel each target molecule to its symmetry-equivalent orientation closest to the current one.
+
+    For every molecule and every automorphism ``g`` the relabelled target ``pos_target[..., perms[g], :]``
+    is the same rigid pose; the one whose Kabsch rotation from ``pos_current`` has the smallest geodesic
+    angle is chosen (ties: the lowest index, so the identity wins when nothing is closer).
+
+    Args:
+        pos_target: ``(..., n, 3)`` target molecules, e.g. ``(B, M, n, 3)``.
+        pos_current: ``(..., n, 3)`` current molecules (same atom labels).
+        perms: ``(G, n)`` long automorphism permutations (identity first).
+
+    Returns:
+        ``target_permuted (..., n, 3)`` and ``index (...)`` long, the chosen automorphism per molecule.
+    """
+    if pos_target.shape != pos_current.shape:
+        raise ValueError(f"closest_equivalent: shapes differ {pos_target.shape} vs {pos_current.shape}")
+    perms = perms.to(pos_target.device)
+    G = perms.shape[0]
+    if G == 1:
+        idx = torch.zeros(pos_target.shape[:-2], dtype=torch.long, device=pos_target.device)
+        return pos_target[..., perms[0], :], idx
+    candidates = pos_target[..., perms, :]  # (..., G, n, 3)
+    R = so3.kabsch(pos_current.unsqueeze(-3).expand_as(candidates), candidates)  # (..., G, 3, 3)
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    angle = so3.geodesic_distance(R, eye)
+    # Prefer the lowest index among numerically tied angles (deterministic, identity first).
+    angle = angle + 1e-9 * torch.arange(G, dtype=angle.dtype, device=angle.device)
+    idx = angle.argmin(-1)
+    gather = idx[..., None, None, None].expand(*idx.shape, 1, *pos_target.shape[-2:])
+    return torch.gather(candidates, -3, gather).squeeze(-3), idx

@@ -1,0 +1,190 @@
+"""Symmetry and consistency tests of the assembly network and its batch structure (float64 where exact)."""
+from __future__ import annotations
+
+import pytest
+import roma
+import torch
+
+from kflow_mol.batch import ClusterBatch, RigidState, collate
+from kflow_mol.model import AssemblyNet
+
+M = 17
+
+
+def _template(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random elongated 'molecule' (centred), species among H, C, N, O."""
+    t = torch.randn(n, 3, generator=gen, dtype=torch.float64) * torch.tensor([2.5, 1.2, 0.4], dtype=torch.float64)
+    species = torch.tensor([1, 6, 7, 8])[torch.randint(0, 4, (n,), generator=gen)]
+    return species, t - t.mean(0)
+
+
+def _state(B: int, gen: torch.Generator, spread: float = 5.0) -> RigidState:
+    """Centroids close enough that many molecule pairs are in contact."""
+    c = torch.randn(B, M, 3, generator=gen, dtype=torch.float64) * spread
+    R = roma.unitquat_to_rotmat(roma.random_unitquat((B, M), dtype=torch.float64))
+    return RigidState(c, R)
+
+
+_MODELS: dict = {}
+
+
+def _model(F: int = 2, **kw) -> AssemblyNet:
+    """Small model in float64, built once per configuration (e3nn compiles its tensor products on build)."""
+    key = (F, tuple(sorted(kw.items())))
+    if key not in _MODELS:
+        _MODELS[key] = _build(F, **kw)
+    return _MODELS[key]
+
+
+def _build(F: int = 2, **kw) -> AssemblyNet:
+    torch.manual_seed(0)
+    kw = {"enc_layers": 2, "mol_layers": 2, "hidden_scalars": 16, "hidden_vectors": 4, "hidden_l2": 2,
+          "enc_scalars": 16, "enc_vectors": 4, "contact_channels": 4, **kw}
+    return AssemblyNet(node_feature_dim=F, **kw).double()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    gen = torch.Generator().manual_seed(1)
+    items = [_template(12, gen), _template(7, gen)]
+    batch = collate(items, dtype=torch.float64)
+    x = _state(2, gen)
+    k = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    nf = torch.randn(2, M, 2, generator=gen, dtype=torch.float64)
+    return items, batch, x, k, nf
+
+
+def test_collate_layout_and_positions(setup):
+    items, batch, x, _, _ = setup
+    assert batch.num_clusters == 2 and batch.num_atoms.tolist() == [12, 7]
+    assert batch.atom_mol.shape == (M * 19,) and batch.atom_template.shape == (M * 19,)
+    pos = batch.positions(x.c, x.R)
+    # flat layout = cluster, molecule, atom; compare with a direct loop
+    off = 0
+    for b, (_, t) in enumerate(items):
+        for i in range(M):
+            ref = t @ x.R[b, i].T + x.c[b, i]
+            assert torch.allclose(pos[off: off + len(t)], ref, atol=1e-12)
+            assert (batch.atom_mol[off: off + len(t)] == b * M + i).all()
+            off += len(t)
+    padded = batch.positions_padded(x.c, x.R)
+    for b, (_, t) in enumerate(items):
+        assert torch.allclose(padded[b, :, : len(t)], pos[batch.atom_mol // M == b].reshape(M, len(t), 3))
+    moved = batch.to("cpu", torch.float32)
+    assert moved.template.dtype == torch.float32 and moved.atom_mol.dtype == torch.long
+
+
+def test_collate_rejects_bad_input():
+    with pytest.raises(ValueError, match="not centred"):
+        collate([(torch.tensor([6, 6]), torch.tensor([[0.0, 0, 0], [1.0, 0, 0]]))])
+    with pytest.raises(ValueError, match="template"):
+        collate([(torch.tensor([6, 6, 1]), torch.zeros(2, 3))])
+    with pytest.raises(ValueError, match="empty"):
+        collate([])
+
+
+def test_rotation_translation_equivariance(setup):
+    _, batch, x, k, nf = setup
+    model = _model()
+    out = model(x, k, batch=batch, node_features=nf)
+    assert out.shape == (2, M, 6) and torch.isfinite(out).all()
+    Q = roma.unitquat_to_rotmat(roma.random_unitquat(dtype=torch.float64))
+    shift = torch.tensor([3.0, -7.0, 11.0], dtype=torch.float64)
+    x2 = RigidState(x.c @ Q.T + shift, Q @ x.R)
+    out2 = model(x2, k, batch=batch, node_features=nf)
+    expect = torch.cat([out[..., :3] @ Q.T, out[..., 3:] @ Q.T], dim=-1)
+    assert torch.allclose(out2, expect, atol=1e-9, rtol=0), (out2 - expect).abs().max()
+    # the output is not trivially zero / invariant
+    assert (out[..., :3] @ Q.T - out[..., :3]).abs().max() > 1e-3
+
+
+def test_body_frame_choice_does_not_matter(setup):
+    """The network sees atom positions only: t -> Q0 t with R -> R Q0^T gives the same output."""
+    items, batch, x, k, nf = setup
+    model = _model()
+    Q0 = roma.unitquat_to_rotmat(roma.random_unitquat(dtype=torch.float64))
+    batch2 = collate([(s, t @ Q0.T) for s, t in items], dtype=torch.float64)
+    out = model(x, k, batch=batch, node_features=nf)
+    out2 = model(RigidState(x.c, x.R @ Q0.T), k, batch=batch2, node_features=nf)
+    assert torch.allclose(out, out2, atol=1e-9, rtol=0)
+
+
+def test_permutation_equivariance(setup):
+    _, batch, x, k, nf = setup
+    model = _model()
+    perm = torch.randperm(M, generator=torch.Generator().manual_seed(3))
+    out = model(x, k, batch=batch, node_features=nf)
+    out2 = model(RigidState(x.c[:, perm], x.R[:, perm]), k, batch=batch, node_features=nf[:, perm])
+    assert torch.allclose(out2, out[:, perm], atol=1e-10, rtol=0)
+
+
+def test_template_cache_matches(setup):
+    _, batch, x, k, nf = setup
+    model = _model()
+    cache = model.encode_templates(batch)
+    a = model(x, k, batch=batch, node_features=nf)
+    b = model(x, k, batch=batch, node_features=nf, template_cache=cache)
+    assert torch.equal(a, b)
+
+
+def test_batch_equals_single(setup):
+    items, batch, x, k, nf = setup
+    model = _model()
+    out = model(x, k, batch=batch, node_features=nf)
+    for b in range(2):
+        single = collate([items[b]], dtype=torch.float64)
+        xb = RigidState(x.c[b: b + 1], x.R[b: b + 1])
+        ob = model(xb, k[b: b + 1], batch=single, node_features=nf[b: b + 1])
+        assert torch.allclose(ob, out[b: b + 1], atol=1e-10, rtol=0)
+
+
+def test_far_apart_molecules_have_no_contacts(setup):
+    """Contact pruning is exact: spreading molecules beyond the cutoff changes nothing discontinuously,
+    and the contact features vanish (the output still depends on the k input and the geometry)."""
+    _, batch, x, k, nf = setup
+    model = _model()
+    far = RigidState(x.c * 50.0, x.R)
+    out = model(far, k, batch=batch, node_features=nf)
+    assert torch.isfinite(out).all()
+    out_k = model(far, k.flip(0), batch=batch, node_features=nf)
+    assert not torch.allclose(out, out_k)
+
+
+def test_gradients_flow(setup):
+    _, batch, x, k, nf = setup
+    model = _model()
+    model.zero_grad()
+    c = x.c.clone().requires_grad_(True)
+    out = model(RigidState(c, x.R), k, batch=batch, node_features=nf)
+    out.square().sum().backward()
+    assert torch.isfinite(c.grad).all() and c.grad.abs().sum() > 0
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not dead, dead
+
+
+def test_bad_shapes_raise(setup):
+    _, batch, x, k, nf = setup
+    model = _model()
+    with pytest.raises(ValueError, match="node_features"):
+        model(x, k, batch=batch, node_features=nf[..., :1])
+    with pytest.raises(ValueError, match="c \\(B,17,3\\)"):
+        model(RigidState(x.c[:1], x.R[:1]), k[:1], batch=batch, node_features=nf[:1])
+
+
+def test_overfits_one_cluster():
+    gen = torch.Generator().manual_seed(5)
+    batch = collate([_template(8, gen)], dtype=torch.float64)
+    x = _state(1, gen)
+    target = torch.randn(1, M, 6, generator=gen, dtype=torch.float64)
+    target[..., :3] *= 5.0
+    k = torch.tensor([0.5], dtype=torch.float64)
+    model = _build(F=0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = (model(x, k, batch=batch) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
