@@ -476,6 +476,9 @@ class Trainer:
             if resume != "auto" or path.is_file():
                 self.load_state_dict(load_checkpoint(path), source=str(path))
                 loaded = True
+        if not loaded and self.step == 0 and self.is_main and (self.run_dir / "last.pt").is_file():
+            warnings.warn(f"starting a fresh run in {self.run_dir}, which holds last.pt: it will be overwritten "
+                          "(pass resume=True or 'auto' to continue it)", stacklevel=2)
         if not loaded and self.step == 0 and self.ema is not None:
             # the model may have been changed (e.g. pretrained weights loaded) after __init__
             self.ema.module.load_state_dict(self.model.state_dict())

@@ -80,9 +80,12 @@ def _raw_disorder(block_data: dict) -> str | None:
             return f"{bad.size} site(s) with partial occupancy (min {bad.min():.3g})"
     grp = block_data.get("_atom_site_disorder_group")
     if grp is not None:
-        flagged = [g for g in grp if str(g).strip() not in (".", "?", "0", "")]
-        if flagged:
-            return f"{len(flagged)} atom(s) in disorder groups ({sorted(set(map(str, flagged)))[:4]})"
+        groups = sorted({str(g).strip() for g in grp} - {".", "?", "0", ""})
+        # several alternative groups (1 and 2 ...) or a symmetry-generated one (negative) coexist in the file;
+        # a single remaining group at full occupancy is an ordered model whose alternative was removed
+        if len(groups) > 1 or any(g.startswith("-") for g in groups):
+            n = sum(str(g).strip() in groups for g in grp)
+            return f"{n} atom(s) in alternative disorder groups {groups[:4]}"
     return None
 
 

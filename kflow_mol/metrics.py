@@ -43,6 +43,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
 
 from kflow_mol import so3
 from kflow_mol.symmetry import automorphisms, closest_equivalent
@@ -95,8 +96,21 @@ def _cluster(x: Any, name: str) -> np.ndarray:
 
 
 def _dist(x: np.ndarray) -> np.ndarray:
-    """(N, N) Euclidean distance matrix of (N, 3) points."""
-    return np.linalg.norm(x[:, None, :] - x[None, :, :], axis=-1)
+    """(N, N) Euclidean distance matrix of (N, 3) points (non-finite inputs propagate)."""
+    if not np.all(np.isfinite(x)):
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.linalg.norm(x[:, None, :] - x[None, :, :], axis=-1)
+    return cdist(x, x)
+
+
+def _rms(a: np.ndarray, b: np.ndarray) -> float:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+def _atom_index(sigma: np.ndarray, n: int) -> np.ndarray:
+    """Atom indices of the molecule order ``sigma`` (molecules are contiguous blocks of n atoms)."""
+    return (np.asarray(sigma)[:, None] * n + np.arange(n)[None]).ravel()
 
 
 def covalent_radii(species: np.ndarray) -> np.ndarray:
@@ -123,8 +137,7 @@ def packing_matching(true_positions: Any, pred_positions: Any) -> float:
     t, p = _np(true_positions), _np(pred_positions)
     if t.shape != p.shape or t.ndim != 2 or t.shape[1] != 3:
         raise ValueError(f"packing_matching: shapes {t.shape} and {p.shape} must be equal (N, 3)")
-    with np.errstate(invalid="ignore", over="ignore"):
-        return float(np.sqrt(np.mean((_dist(t) - _dist(p)) ** 2)))
+    return _rms(_dist(t), _dist(p))
 
 
 def pm_atom(pred: Any, true: Any) -> float:
@@ -206,7 +219,7 @@ def match_molecules(pred: Any, true: Any, max_iter: int = 10) -> np.ndarray:
     prof_p, prof_t = np.sort(_dist(cp), axis=1), np.sort(_dist(ct), axis=1)
     _, inv_start = linear_sum_assignment(np.linalg.norm(prof_t[:, None] - prof_p[None], axis=-1))
     candidates = [np.arange(M)]
-    for start in (np.arange(M), inv_start):
+    for start in (np.arange(M), np.asarray(inv_start)):
         sigma = start
         for _ in range(max_iter):
             # superposition under the current matching (the centroid mean does not depend on sigma)
@@ -217,7 +230,12 @@ def match_molecules(pred: Any, true: Any, max_iter: int = 10) -> np.ndarray:
                 break
             sigma = new
         candidates.append(sigma)
-    scores = [pm_atom(p[s], t) for s in candidates]
+    n = p.shape[1]
+    Dp, Dt = _dist(p.reshape(-1, 3)), _dist(t.reshape(-1, 3))
+    scores = []
+    for s in candidates:
+        idx = _atom_index(s, n)
+        scores.append(_rms(Dp[np.ix_(idx, idx)], Dt))
     return candidates[int(np.argmin(scores))]
 
 
@@ -245,9 +263,12 @@ def _symmetry_descent(p: np.ndarray, t: np.ndarray, labels: np.ndarray, perms: n
             Dp_io = Dp[i * n:(i + 1) * n][:, mask]  # (n, N - n)
             Dp_ii = Dp[i * n:(i + 1) * n, i * n:(i + 1) * n]
             cand = cand_all[i]  # (G, n, 3)
-            d_io = np.linalg.norm(cand[:, :, None] - others[None, None], axis=-1)  # (G, n, N - n)
-            d_ii = np.linalg.norm(cand[:, :, None] - cand[:, None], axis=-1)  # (G, n, n)
-            err = 2 * ((d_io - Dp_io) ** 2).sum((1, 2)) + ((d_ii - Dp_ii) ** 2).sum((1, 2))
+            err = np.array(
+                [
+                    2 * ((cdist(c, others) - Dp_io) ** 2).sum() + ((cdist(c, c) - Dp_ii) ** 2).sum()
+                    for c in cand
+                ]
+            )
             g = int(np.argmin(err - 1e-12 * (np.arange(G) == labels[i])))  # keep current on ties
             if g != labels[i] and err[g] < err[labels[i]]:
                 labels[i] = g

@@ -19,7 +19,7 @@ from torch import nn
 if __name__ == "__main__":  # allow running from a checkout before `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kflow.train import TrainConfig, Trainer  # noqa: E402
+from kflow.train import TrainConfig, Trainer
 
 
 @dataclass

@@ -46,22 +46,27 @@ def test_build_transform_errors():
                                                          ("wavelet", 0.5, "velocity")])
 def test_loss_decreases_on_tiny_problem(transform, window, prediction):
     torch.manual_seed(0)
-    x, y = _templates()
+    x, y = _templates(32)
     task = ImageFlowTask(build_transform(transform, SHAPE), BandSchedule(window, "linear"), num_classes=4,
                          label_dropout=0.1, prediction=prediction)
-    model = DiT(in_channels=2, input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=4)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    losses = []
-    for step in range(80):
-        idx = torch.randint(0, len(x), (32,))
-        loss, metrics = task.loss(model, (x[idx], y[idx]))
+    model = DiT(in_channels=2, input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=4, num_classes=4)
+
+    def held_out() -> float:  # the same noise, k and label dropout every time
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return task.loss(model, (x, y))[0].item()
+
+    before = held_out()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(40):
+        torch.manual_seed(step)
+        loss, metrics = task.loss(model, (x, y))
+        assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-        assert torch.isfinite(loss)
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.6 * first, (first, last)
+    after = held_out()
+    assert after < 0.7 * before, (before, after)
 
 
 def test_unrevealed_weighting_and_logit_normal():

