@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from kflow.transforms import KTransform
+from kflow_image.metrics import class_drop_ratio, psnr
 from kflow_image.task import ImageFlowTask, band_mask, class_drop_labels
 
 __all__ = [
@@ -78,12 +79,11 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: in
 # --------------------------------------------------------------------------------------------- class drop
 def cdr(fid_full: Mapping[int, float] | Sequence[float], fid_drop: Mapping[int, float] | Sequence[float]
         ) -> dict:
-    """Class-drop ratio: mean over classes of ``FID_drop(c) / FID_full(c)``.
+    """Class-drop ratio with the per-class ratios: mean over classes of ``FID_drop(c) / FID_full(c)``.
 
-    ``FID_full(c)``: class ``c`` sampled with the label for all of ``k``; ``FID_drop(c)``: the label only for
-    an initial fraction (the paper keeps 30%). The paper prints the ratio as ``FID_bef / FID_aft`` but
-    reports values above 1 with "lower is better, close to 1 = no degradation" (K-Flow 1.49, LFM 3.25),
-    which is the drop/full ratio used here.
+    The mean is :func:`kflow_image.metrics.class_drop_ratio` (see there why it is drop/full although the
+    paper prints bef/aft). ``FID_full(c)``: class ``c`` sampled with the label for all of ``k``;
+    ``FID_drop(c)``: with the label for an initial fraction only (the paper keeps 30%).
 
     Returns:
         ``{"cdr": mean ratio, "per_class": {c: ratio}}``.
@@ -92,8 +92,8 @@ def cdr(fid_full: Mapping[int, float] | Sequence[float], fid_drop: Mapping[int, 
     drop = dict(fid_drop) if isinstance(fid_drop, Mapping) else dict(enumerate(fid_drop))
     if set(full) != set(drop) or not full:
         raise ValueError(f"cdr needs the same non-empty classes in both: {sorted(full)} vs {sorted(drop)}")
-    ratios = {c: float(drop[c]) / max(float(full[c]), 1e-12) for c in full}
-    return {"cdr": float(np.mean(list(ratios.values()))), "per_class": ratios}
+    return {"cdr": class_drop_ratio(full, drop),
+            "per_class": {c: float(drop[c]) / float(full[c]) for c in full}}
 
 
 # --------------------------------------------------------------------------------------------- noise split
@@ -164,12 +164,6 @@ def degrade(images: Tensor, kind: str = "downsample", factor: int = 4, sigma: fl
         x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
         return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c).clamp(0, 1)
     raise ValueError(f"unknown degradation {kind!r}; choose 'downsample' or 'blur'")
-
-
-def psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image PSNR in dB of images in [0, 1]: ``(N, C, H, W) x 2 -> (N,)``."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return 10 * torch.log10(1.0 / mse)
 
 
 def restoration_hook(task: ImageFlowTask, x_0: Tensor, observation: Tensor, kappa_max: float,

@@ -27,7 +27,7 @@ from kflow.schedule import BandSchedule, KappaWarp, make_grid
 from kflow.solver import Solution, solve
 from kflow.transforms import FourierTransform, IdentityTransform, KTransform, PCATransform, WaveletTransform
 
-__all__ = ["TRANSFORMS", "ImageFlowTask", "TaskConfig", "build_transform", "fit_energy_warp", "band_mask",
+__all__ = ["TRANSFORMS", "ImageFlowTask", "TaskConfig", "build_transform", "make_task", "fit_energy_warp", "band_mask",
            "class_drop_labels", "unpack_batch"]
 
 TRANSFORMS = ("identity", "fourier", "wavelet", "pca")
@@ -386,7 +386,7 @@ class ImageFlowTask(nn.Module):
         x, traj = x_0, [x_0] if return_trajectory else None
         for i in range(len(grid) - 1):
             k, k_next = grid[i].expand(b), grid[i + 1].expand(b)
-            x1_hat = fn(x, k).float()
+            x1_hat = fn(x, k).to(x.dtype)
             x0_hat = self.estimate_x0(x, x1_hat, k, x_0)
             x = x + self.path.increment(x0_hat, x1_hat, k, k_next)
             if hook is not None:
@@ -395,3 +395,39 @@ class ImageFlowTask(nn.Module):
             if traj is not None:
                 traj.append(x)
         return Solution(x, torch.stack(traj) if traj is not None else None, grid, len(grid) - 1)
+
+
+def make_task(transform: str, event_shape: Sequence[int], schedule: BandSchedule, *, wave: str = "haar",
+              levels: int | None = None, fit_data: Tensor | None = None, energy_warp: bool = False,
+              state_dict: dict | None = None, seed: int = 0, **task_kwargs) -> ImageFlowTask:
+    """Build an :class:`ImageFlowTask` for training (``fit_data``) or restore one (``state_dict``).
+
+    Args:
+        transform: ``identity | fourier | wavelet | pca``.
+        event_shape: ``(C, H, W)`` of one latent.
+        schedule: the band schedule (without warp; the warp is added here when ``energy_warp``).
+        wave: wavelet name.
+        levels: wavelet levels.
+        fit_data: ``(N, C, H, W)`` training latents: fits the PCA basis and the energy warp.
+        energy_warp: warp ``kappa`` by the dataset band energy (needs ``fit_data`` or ``state_dict``).
+        state_dict: a saved ``ImageFlowTask.state_dict()`` (PCA basis, warp) to restore instead of fitting.
+        seed: seed of the noise used to fit the energy warp.
+        **task_kwargs: the remaining :class:`ImageFlowTask` arguments.
+    """
+    shape = tuple(int(s) for s in event_shape)
+    if state_dict is None and fit_data is None and (transform == "pca" or energy_warp):
+        raise ValueError(f"transform={transform!r} energy_warp={energy_warp} needs fit_data (training latents)")
+    if state_dict is not None and transform == "pca":
+        t: KTransform = PCATransform(shape)  # the basis comes from the state dict
+    else:
+        t = build_transform(transform, shape, wave=wave, levels=levels, fit_data=fit_data)
+    if energy_warp:
+        if state_dict is not None:
+            bands = state_dict["schedule.warp.bands"]
+            schedule.warp = KappaWarp(bands, torch.ones_like(bands))
+        else:
+            schedule.warp = fit_energy_warp(t, fit_data, seed)
+    task = ImageFlowTask(t, schedule, **task_kwargs)
+    if state_dict is not None:
+        task.load_state_dict(state_dict)
+    return task

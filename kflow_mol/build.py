@@ -13,9 +13,9 @@ import time
 import traceback
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class _Timeout(Exception):
     pass
 
 
-def _alarm(signum, frame):  # noqa: ARG001
+def _alarm(signum, frame):
     raise _Timeout()
 
 
@@ -146,8 +146,8 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
     if not files:
         raise BuildError(cif_dir, "bad_input", f"no files matching '{pattern}'")
     out_dir.mkdir(parents=True, exist_ok=True)
-    kw = dict(max_atoms=max_atoms, allow_mirror=allow_mirror, allowed_elements=frozenset(allowed_elements))
-    ctx_vars = dict(out_dir=str(out_dir), noise_fn=noise_fn, seed=seed, kw=kw, timeout=timeout)
+    kw = {"max_atoms": max_atoms, "allow_mirror": allow_mirror, "allowed_elements": frozenset(allowed_elements)}
+    ctx_vars = {"out_dir": str(out_dir), "noise_fn": noise_fn, "seed": seed, "kw": kw, "timeout": timeout}
     jobs = [str(f) for f in files]
     t0 = time.perf_counter()
     rows: list[dict] = []

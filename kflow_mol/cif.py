@@ -160,7 +160,7 @@ def _parse(path: Path, allowed_elements=None):
     return structures[0], msgs, disorder
 
 
-from pymatgen.io.cif import CifParser  # noqa: E402  (kept below the helpers for readability)
+from pymatgen.io.cif import CifParser
 
 
 def _check_elements(path, symbols: list[str], allowed) -> None:
@@ -207,7 +207,7 @@ def _molecules(path, structure, numbers: np.ndarray, bond_tolerance: float):
     bonded = d < radii[ci] + radii[pi] + bond_tolerance
     ci, pi, img = ci[bonded], pi[bonded], img[bonded]
     n = len(numbers)
-    if np.any((ci == pi)):
+    if np.any(ci == pi):
         raise BuildError(path, "polymeric", "an atom is bonded to its own periodic image")
     graph = coo_matrix((np.ones(len(ci)), (ci, pi)), shape=(n, n)).tocsr()
     n_comp, labels = connected_components(graph, directed=False)
@@ -235,7 +235,7 @@ def _molecules(path, structure, numbers: np.ndarray, bond_tolerance: float):
 def _kabsch(X: np.ndarray, Y: np.ndarray, proper: bool = True):
     """Best rotation ``R`` with ``Y_c ~ X_c @ R.T`` for centred ``(n,3)`` arrays; returns ``(R, rmsd)``."""
     H = X.T @ Y
-    U, S, Vt = np.linalg.svd(H)
+    U, _, Vt = np.linalg.svd(H)
     d = np.sign(np.linalg.det(Vt.T @ U.T)) if proper else 1.0
     D = np.diag([1.0, 1.0, d if d != 0 else 1.0])
     R = Vt.T @ D @ U.T
@@ -357,7 +357,6 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
         raise BuildError(path, "disorder", disorder)
     if not structure.is_ordered:
         raise BuildError(path, "disorder", "pymatgen reports a disordered (partially occupied) structure")
-    symbols = [sp.symbol for sp in structure.species]
     numbers = np.array([sp.Z for sp in structure.species], dtype=np.int64)
     lattice = structure.lattice.matrix.copy()  # rows are lattice vectors
     frac = structure.frac_coords
@@ -411,7 +410,7 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
         if got is None:
             mirror = match_rigid(X, -Y, species, sy, rmsd_tol)
             if mirror is not None and allow_mirror:
-                perm, R, rmsd = mirror
+                _, R, rmsd = mirror
                 fit_max = max(fit_max, rmsd)
                 is_mirror[c] = True
                 copies[c] = -(X @ R.T) + cents[c]  # -Y[perm] ~ X R^T
@@ -423,7 +422,7 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
             raise BuildError(path, "multiple_conformers",
                              f"molecule {c} of the cell is not a rigid image of molecule {central} "
                              f"within {rmsd_tol} A RMSD")
-        perm, R, rmsd = got
+        _, R, rmsd = got
         fit_max = max(fit_max, rmsd)
         copies[c] = X @ R.T + cents[c]
 

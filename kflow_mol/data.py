@@ -13,8 +13,8 @@ import numpy as np
 N_MOLECULES = 17
 
 # Element symbols indexed by atomic number (index 0 is a placeholder), from ASE so that every module agrees.
-from ase.data import atomic_numbers as _ATOMIC_NUMBERS  # noqa: E402
-from ase.data import chemical_symbols as _CHEMICAL_SYMBOLS  # noqa: E402
+from ase.data import atomic_numbers as _ATOMIC_NUMBERS
+from ase.data import chemical_symbols as _CHEMICAL_SYMBOLS
 
 #: Reason codes used by :class:`BuildError`, with what each one means (also the "how to fix" hint).
 REASONS: dict[str, str] = {
@@ -115,7 +115,7 @@ class ClusterRecord:
         """Atoms per molecule."""
         return int(np.asarray(self.species).shape[0])
 
-    def validate(self) -> "ClusterRecord":
+    def validate(self) -> ClusterRecord:
         """Check shapes, dtypes and finiteness; raise :class:`BuildError` (reason ``bad_input``) if wrong.
 
         Returns:

@@ -184,6 +184,10 @@ def test_inception_features_shape(inception):
     assert f.shape == (2, 2048)
     assert torch.isfinite(f).all() and (f >= 0).all()  # pool features after ReLU
     assert not torch.allclose(f[0], f[1])
+
+
+@pytest.mark.slow
+def test_inception_grayscale_and_resize(inception):
     # grayscale, small images are resized; a gray image equals its RGB repetition
     g = torch.rand(2, 1, 32, 32)
     np.testing.assert_allclose(

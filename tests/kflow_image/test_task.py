@@ -12,6 +12,15 @@ from kflow_image.task import ImageFlowTask, build_transform, fit_energy_warp, un
 SHAPE = (2, 8, 8)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _templates(n: int = 64, seed: int = 0):
     """A tiny class-conditional data set: 4 fixed latent templates plus a little noise."""
     g = torch.Generator().manual_seed(seed)
@@ -66,7 +75,8 @@ def test_loss_decreases_on_tiny_problem(transform, window, prediction):
         loss.backward()
         opt.step()
     after = held_out()
-    assert after < 0.7 * before, (before, after)
+    # the velocity target keeps the unpredictable x_0 part, so its loss cannot fall as far
+    assert after < (0.7 if prediction == "endpoint" else 0.9) * before, (before, after)
 
 
 def test_unrevealed_weighting_and_logit_normal():

@@ -9,9 +9,20 @@ from scipy.spatial.transform import Rotation
 
 from kflow_mol.cif import cluster_from_cif
 from kflow_mol.data import BuildError, ClusterRecord
-from kflow_mol.io import (HEADER, format_csv, list_raw_ids, molecule_from_smiles, raw_paths, read_cluster_xyz,
-                          read_csv, read_raw_pair, read_single_molecule, write_cluster_cif, write_raw_pair,
-                          write_xyz)
+from kflow_mol.io import (
+    HEADER,
+    format_csv,
+    list_raw_ids,
+    molecule_from_smiles,
+    raw_paths,
+    read_cluster_xyz,
+    read_csv,
+    read_raw_pair,
+    read_single_molecule,
+    write_cluster_cif,
+    write_raw_pair,
+    write_xyz,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -48,7 +59,7 @@ def test_layout_matches_official_loader(tmp_path, record):
     assert sorted({int(r[0]) for r in rows}) == list(range(17))
     assert [r[1] for r in rows[: record.n_atoms]] == record.symbols
     # AssembleFlow's parser: mol_idx, atom_type, x, y, z = line.strip().split(",")
-    mol_idx, atom_type, x, y, z = lines[1].strip().split(",")
+    mol_idx, atom_type, x, _y, _z = lines[1].strip().split(",")
     assert int(mol_idx) == 0 and atom_type.isalpha() and float(x) == record.final[0, 0, 0]
 
 
@@ -155,7 +166,7 @@ def test_read_csv_order_of_first_appearance(tmp_path, record):
     out = [lines[0]] + [ln.replace(ln.split(",")[0], str(100 - int(ln.split(",")[0])), 1) for ln in lines[1:]]
     p = tmp_path / "x.csv"
     p.write_text("\n".join(out) + "\n")
-    sp, pos = read_csv(p)
+    _, pos = read_csv(p)
     assert np.array_equal(pos, record.final)
 
 
@@ -195,7 +206,7 @@ def test_xyz_round_trips(tmp_path, record):
 def test_smiles_sdf_and_cif(tmp_path, record):
     z, x = molecule_from_smiles("c1ccccc1", seed=0)
     assert sorted(z.tolist()) == [1] * 6 + [6] * 6 and x.shape == (12, 3)
-    z2, x2 = molecule_from_smiles("c1ccccc1", seed=0)
+    _, x2 = molecule_from_smiles("c1ccccc1", seed=0)
     assert np.array_equal(x, x2)  # seeded
     with pytest.raises(BuildError) as ei:
         molecule_from_smiles("C1CC(")

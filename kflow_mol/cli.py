@@ -1,0 +1,383 @@
+"""``kflow-mol``: build data, train, evaluate and assemble molecular clusters with K-Flow.
+
+Flags are documented in ``--help``; any ``key=value`` after the flags is a hydra override of
+``configs/mol.yaml`` (e.g. ``schedule=flow`` for the baseline, ``trainer.steps=2000``, ``model=mol_tiny``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kflow.cli import compose, configs_dir, instantiate, to_container
+from kflow.utils import atomic_save, atomic_write_text, load_checkpoint
+
+from .data import BuildError
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.pt"
+MODEL_FORMAT = "kflow-mol-model-v1"
+
+EPILOG = """examples:
+  kflow-mol train --data cod17-mini                      # short default run on the shipped crystals
+  kflow-mol train --data cod17-10k --data-root DATA      # official COD-Cluster17 10K raw files
+  kflow-mol train --data cod17-mini schedule=flow        # the w=1 baseline (linear + geodesic path)
+  kflow-mol evaluate --ckpt runs/mol/model.pt --data cod17-mini --split test --json
+  kflow-mol assemble crystal.cif --out out/              # cut, loosen, assemble, score, render
+  kflow-mol assemble --smiles 'c1ccc2cc3ccccc3cc2c1' --out out/
+  kflow-mol build-dataset --cif-dir CIFS --out DATA
+  kflow-mol inspect crystal.cif
+"""
+
+
+# --------------------------------------------------------------------------- config and model
+def _overrides(args, extra: list[str]) -> list[str]:
+    bad = [e for e in extra if "=" not in e]
+    if bad:
+        raise SystemExit(f"error: unrecognised arguments {bad}; hydra overrides look like key=value "
+                         f"(see `kflow-mol {args.cmd} --help`)")
+    ov = []
+    data = getattr(args, "data", None)
+    if data:
+        ov.append(f"data={data}" if (configs_dir() / "data" / f"{data}.yaml").exists() else f"data.name={data}")
+    if getattr(args, "data_root", None):
+        ov.append(f"data.root={args.data_root}")
+    if getattr(args, "run_dir", None):
+        ov.append(f"trainer.run_dir={args.run_dir}")
+    if getattr(args, "steps", None) and args.cmd == "train":
+        ov.append(f"trainer.steps={args.steps}")
+    if getattr(args, "device", None):
+        ov.append(f"trainer.device={args.device}")
+    if getattr(args, "baseline", False):
+        ov.append("schedule=flow")
+    return ov + extra
+
+
+def build_components(cfg) -> tuple:
+    """Model, task and noise config from a composed config."""
+    from .rigid import NUM_NODE_FEATURES
+    from .task import AssemblyTask
+
+    model = instantiate(cfg.model, node_feature_dim=NUM_NODE_FEATURES)
+    schedule = instantiate(cfg.schedule)
+    path = instantiate(cfg.path)(schedule=schedule)
+    task = AssemblyTask(path, symmetric_targets=cfg.symmetric_targets, rot_weight=cfg.rot_weight)
+    return model, task, instantiate(cfg.noise)
+
+
+def export_model(path: Path, model, cfg: dict, info: dict) -> Path:
+    """A self-describing inference file: config (JSON) + weights, loadable with ``weights_only=True``."""
+    return atomic_save({"format": MODEL_FORMAT, "config": json.dumps(cfg), "info": json.dumps(info),
+                        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+
+
+def load_model(ckpt: str | Path | None, device="cpu"):
+    """Load ``model.pt`` (or a run directory holding one); ``None`` = the shipped default model."""
+    from omegaconf import OmegaConf
+
+    p = Path(ckpt) if ckpt else DEFAULT_MODEL
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.exists():
+        hint = ("the shipped default model is missing from this install; train one with "
+                "`kflow-mol train --data cod17-mini`" if ckpt is None else "pass a run's model.pt")
+        raise SystemExit(f"error: checkpoint {p} not found: {hint}")
+    blob = load_checkpoint(p)
+    if blob.get("format") != MODEL_FORMAT:
+        raise SystemExit(f"error: {p} is not a kflow-mol model file (expected model.pt written by `kflow-mol train`)")
+    cfg = OmegaConf.create(json.loads(blob["config"]))
+    model, task, noise = build_components(cfg)
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval(), task, noise, cfg, json.loads(blob["info"]), p
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_train(args, extra) -> int:
+    from kflow.train import Trainer, TrainConfig
+
+    from .dataset import load_prepared, split_indices
+    from .evaluate import evaluate, pm_histogram, public
+    from .task import Collator
+
+    cfg = compose("mol", _overrides(args, extra))
+    model, task, noise = build_components(cfg)
+    clusters, report = load_prepared(cfg.data.name, cfg.data.root, noise, seed=cfg.data.split_seed)
+    split = split_indices(len(clusters), cfg.data.split_seed)
+    train = [clusters[i] for i in split["train"]]
+    val = [clusters[i] for i in split["val"]][: max(cfg.eval_clusters, 0) or None]
+    test = [clusters[i] for i in split["test"]]
+    tcfg = TrainConfig.from_dict({k: v for k, v in to_container(cfg.trainer).items() if k != "_target_"})
+    resample = bool(cfg.data.resample_loose) and report.get("kind") == "cif"
+    print(f"data {cfg.data.name}: {len(clusters)} clusters ({len(report['rejected'])} inputs rejected), "
+          f"split train/val/test = {len(train)}/{len(val)}/{len(test)}; model "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; run dir {tcfg.run_dir}", file=sys.stderr)
+
+    def eval_fn(ema_model, step):
+        r = evaluate(ema_model, task, val, steps=min(int(cfg.solver.steps), 20), method=cfg.solver.method,
+                     device=next(ema_model.parameters()).device)
+        return {"val_pm_atom": r["model"]["pm_atom"], "val_pm_atom_symmetry_aware": r["model"]["pm_atom_symmetry_aware"]}
+
+    trainer = Trainer(model, task.loss, train, Collator(resample, noise), tcfg,
+                      eval_fn=eval_fn if val else None, eval_every=int(cfg.eval_every),
+                      run_config=to_container(cfg))
+    trainer.fit(resume=args.resume)
+    if not trainer.is_main:
+        return 0
+    run = Path(tcfg.run_dir)
+    ema = trainer.ema_model
+    info = {"data": cfg.data.name, "train_clusters": len(train), "steps": trainer.step,
+            "train_ids": [c["id"] for c in train]}
+    export_model(run / "model.pt", ema, to_container(cfg), info)
+    if test:
+        res = evaluate(ema, task, test, steps=int(cfg.solver.steps), method=cfg.solver.method,
+                       grid=cfg.solver.grid, device=trainer.device,
+                       expansion_mean=float(cfg.noise.expansion_mean))
+        atomic_write_text(run / "test_metrics.json", json.dumps(public(res), indent=1))
+        pm_histogram(res, run / "pm_hist.png")
+        print(_summary_line("test", res), file=sys.stderr)
+    print(f"done: {run / 'model.pt'}", file=sys.stderr)
+    return 0
+
+
+def _summary_line(name: str, res: dict) -> str:
+    m, d = res.get("model", {}), res.get("do_nothing", {})
+    return (f"{name}: {res['num_clusters']} clusters, PM-atom {m.get('pm_atom', float('nan')):.2f} Å "
+            f"(symmetry-aware {m.get('pm_atom_symmetry_aware', float('nan')):.2f}), PM-centre "
+            f"{m.get('pm_center', float('nan')):.2f} Å; do-nothing PM-atom {d.get('pm_atom', float('nan')):.2f} Å; "
+            f"{res.get('seconds_per_cluster', float('nan')):.3f} s/cluster")
+
+
+def cmd_evaluate(args, extra) -> int:
+    from .dataset import load_prepared, split_indices
+    from .evaluate import evaluate, public
+
+    model, task, noise, cfg, info, p = load_model(args.ckpt, args.device or "cpu")
+    data = args.data or cfg.data.name
+    ov = compose("mol", _overrides(args, extra))
+    clusters, report = load_prepared(data, args.data_root or ov.data.root, noise, seed=int(ov.data.split_seed))
+    if args.split != "all":
+        clusters = [clusters[i] for i in split_indices(len(clusters), int(ov.data.split_seed))[args.split]]
+    if args.limit:
+        clusters = clusters[: args.limit]
+    res = evaluate(model, task, clusters, steps=args.steps or int(cfg.solver.steps),
+                   method=args.method or cfg.solver.method, device=args.device or "cpu",
+                   expansion_mean=float(noise.expansion_mean), progress=not args.json)
+    res.update(checkpoint=str(p), data=data, split=args.split, trained_on=info.get("data"))
+    if args.json:
+        print(json.dumps(public(res)))
+    else:
+        print(_summary_line(args.split, res))
+    return 0
+
+
+def _cluster_input(args):
+    """The record to assemble, whether it has a known reference, and a short description."""
+    from .cif import cluster_from_cif
+    from .data import ClusterRecord
+    from .io import molecule_from_smiles, read_cluster_xyz, read_raw_pair, read_single_molecule
+
+    if args.smiles:
+        species, pos = molecule_from_smiles(args.smiles, seed=args.seed)
+        return _single(species, pos, "smiles"), False
+    src = Path(args.input)
+    if not src.exists():
+        raise SystemExit(f"error: input {src} does not exist")
+    suf = src.suffix.lower()
+    if suf == ".cif":
+        return cluster_from_cif(src), True
+    if suf == ".csv":
+        root = src.parents[2] if src.parent.name in ("FinalPositions", "InitialPositions") else src.parent
+        cid = src.name.split("_cluster16")[0]
+        return read_raw_pair(root, cid), True
+    if suf in (".sdf", ".mol", ".mol2"):
+        species, pos = read_single_molecule(src)
+        return _single(species, pos, src.stem), False
+    if suf in (".xyz", ".extxyz", ".pdb"):
+        try:
+            species, pos = read_cluster_xyz(src)
+            rec = ClusterRecord(src.stem, np.asarray(species), np.asarray(pos), np.asarray(pos), {"source": str(src)})
+            return rec, "loose-only"
+        except BuildError:
+            species, pos = read_single_molecule(src)
+            return _single(species, pos, src.stem), False
+    raise SystemExit(f"error: {src}: unsupported input type '{suf}' (CIF, official CSV, XYZ/extxyz/PDB cluster, "
+                     f"SDF/MOL/XYZ molecule, or --smiles)")
+
+
+def _single(species, pos, name):
+    """A single molecule: 17 copies on a loose cubic-ish arrangement to be packed (no reference)."""
+    from .data import ClusterRecord
+
+    pos = np.asarray(pos, dtype=np.float64)
+    pos = pos - pos.mean(0)
+    r = np.linalg.norm(pos, axis=1).max() + 1.5
+    g = np.array([(i, j, l) for i in (-1, 0, 1) for j in (-1, 0, 1) for l in (-1, 0, 1)], dtype=float)
+    g = g[np.argsort(np.linalg.norm(g, axis=1), kind="stable")][:17]
+    final = pos[None] + 2 * r * g[:, None]  # a non-overlapping placeholder "packing": only the shapes matter
+    return ClusterRecord(name, np.asarray(species, dtype=np.int64), final, None, {"source": name, "single": True})
+
+
+def cmd_assemble(args, extra) -> int:
+    from .dataset import prepare
+    from .evaluate import evaluate, pm_histogram, public  # noqa: F401
+    from .io import write_cluster_cif, write_xyz
+    from .metrics import evaluate_cluster, oracle_floors
+    from .noise import make_loose
+    from .render import render_clusters
+    from .task import make_batch
+
+    if not args.input and not args.smiles:
+        raise SystemExit("error: give an INPUT file or --smiles")
+    model, task, noise, cfg, info, p = load_model(args.ckpt, args.device or "cpu")
+    record, known = _cluster_input(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if known is True and record.initial is None:
+        record.initial = make_loose(record.final, np.random.default_rng(args.seed), noise)
+    prep = prepare(record, noise, seed=args.seed)
+    if known == "loose-only":
+        prep["initial"] = np.asarray(record.initial)
+    batch = make_batch([prep])
+    res = task.sample(model, batch, steps=args.steps or int(cfg.solver.steps), method=cfg.solver.method,
+                      return_trajectory=True)
+    n = len(prep["species"])
+    pos = res["positions"][0, :, :n].double().numpy()
+    traj = [t[0, :, :n].double().numpy() for t in res["trajectory"]]
+    species = prep["species"]
+    write_xyz(out / "assembled.extxyz", species, pos, comment=f"kflow-mol assembled {record.id}")
+    write_cluster_cif(out / "assembled.cif", species, pos)
+    write_xyz(out / "trajectory.extxyz", species, np.stack(traj), comment="k-trajectory")
+    write_xyz(out / "loose.extxyz", species, prep["initial"], comment="loose input")
+    metrics = {"id": record.id, "input": args.input or args.smiles, "checkpoint": str(p),
+               "model_trained_on": info.get("data"), "steps": res["evaluations"], "seconds": res["seconds"],
+               "reference_known": known is True}
+    panels = {"loose": prep["initial"], "assembled": pos}
+    if known is True:
+        metrics["model"] = evaluate_cluster(pos, prep["final"], species, prep["perms"])
+        metrics["floors"] = oracle_floors(prep["initial"], prep["final"], species, prep["perms"],
+                                          float(noise.expansion_mean))
+        panels["reference"] = prep["final"]
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
+    render_clusters(panels, species, out / "assembled.png", title=f"{record.id}")
+    if known is True:
+        print(f"{record.id}: PM-atom {metrics['model']['pm_atom']:.2f} Å (symmetry-aware "
+              f"{metrics['model']['pm_atom_symmetry_aware']:.2f}); do-nothing "
+              f"{metrics['floors']['do_nothing']['pm_atom']:.2f} Å; {res['seconds']:.2f} s")
+    print(f"wrote {out}/assembled.cif, assembled.extxyz, trajectory.extxyz, assembled.png, metrics.json")
+    return 0
+
+
+def cmd_build(args, extra) -> int:
+    from .build import LooseNoise, build_dataset
+
+    noise_cfg = instantiate(compose("mol", extra).noise)
+    summary = build_dataset(args.cif_dir, args.out, workers=args.workers,
+                            noise_fn=None if args.no_noise else LooseNoise(noise_cfg), seed=args.seed,
+                            max_atoms=args.max_atoms, progress=True)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("ids",)}, indent=1, default=str))
+    return 0
+
+
+def cmd_inspect(args, extra) -> int:
+    from .dataset import prepare
+    from .metrics import oracle_floors
+    from .render import render_clusters
+
+    args.smiles = None
+    noise = instantiate(compose("mol", extra).noise)
+    record, known = _cluster_input(args)
+    prep = prepare(record, noise, seed=args.seed)
+    x = prep["final"]
+    c = x.mean(1)
+    info = {"id": record.id, "molecules": int(x.shape[0]), "atoms_per_molecule": int(x.shape[1]),
+            "formula": "".join(f"{s}{record.symbols.count(s)}" for s in sorted(set(record.symbols))),
+            "cluster_radius_A": float(np.linalg.norm(c - c[0], axis=1).max()),
+            "symmetry_order": int(len(prep["perms"]))}
+    if known is True:
+        fl = oracle_floors(prep["initial"], prep["final"], prep["species"], prep["perms"], float(noise.expansion_mean))
+        info["do_nothing_pm_atom"] = fl["do_nothing"]["pm_atom"]
+        info["do_nothing_pm_center"] = fl["do_nothing"]["pm_center"]
+        info["undo_mean_expansion_pm_center"] = fl["undo_mean_expansion"]["pm_center"]
+    png = Path(args.png or f"{record.id}_cluster.png")
+    render_clusters({"loose": prep["initial"], "packed": prep["final"]}, prep["species"], png, title=record.id)
+    info["picture"] = str(png)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kflow-mol", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def data_flags(p):
+        p.add_argument("--data", help="cod17-mini (shipped), cod17-5k / cod17-10k / cod17-all (official raw files "
+                                      "under --data-root), or a folder of CIFs / of raw/ CSVs")
+        p.add_argument("--data-root", help="root of the official raw files (default: $KFLOW_DATA)")
+        p.add_argument("--device", help="cpu | cuda | auto (default: auto for train, cpu otherwise)")
+
+    p = sub.add_parser("train", help="train an assembly model", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_flags(p)
+    p.add_argument("--run-dir", help="output folder (config, metrics.jsonl, loss.png, checkpoints, model.pt)")
+    p.add_argument("--steps", type=int, help="training steps (trainer.steps)")
+    p.add_argument("--baseline", action="store_true", help="train the w=1 baseline (same as schedule=flow)")
+    p.add_argument("--resume", action="store_true", help="continue from run-dir/last.pt exactly")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a model on a dataset split (with floors)")
+    data_flags(p)
+    p.add_argument("--ckpt", help="model.pt or run dir (default: the shipped model)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's solver config)")
+    p.add_argument("--method", choices=["exact", "euler", "heun"])
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N clusters")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("assemble", help="assemble one cluster (CIF, official CSV, XYZ/PDB cluster, molecule, SMILES)")
+    p.add_argument("input", nargs="?", help="crystal CIF | raw/FinalPositions/<id>_cluster16.csv | 17-molecule "
+                                            "XYZ/extxyz/PDB | single molecule SDF/MOL/XYZ")
+    p.add_argument("--smiles", help="assemble 17 copies of this molecule (RDKit conformer)")
+    p.add_argument("--out", default="assembled", help="output folder")
+    p.add_argument("--ckpt", help="model.pt (default: the shipped model trained on cod17-mini)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int, default=0, help="seed of the loose state drawn for a CIF")
+    p.add_argument("--device")
+    p.set_defaults(fn=cmd_assemble)
+
+    p = sub.add_parser("build-dataset", help="cut 17-molecule clusters from a folder of CIFs (official layout)")
+    p.add_argument("--cif-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-atoms", type=int, default=200)
+    p.add_argument("--no-noise", action="store_true", help="write FinalPositions only")
+    p.set_defaults(fn=cmd_build)
+
+    p = sub.add_parser("inspect", help="describe a cluster and render loose vs packed")
+    p.add_argument("input", help="CIF, official CSV, or XYZ cluster")
+    p.add_argument("--png", help="picture path (default: <id>_cluster.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_inspect)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    try:
+        return args.fn(args, extra)
+    except BuildError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Sampling controls: noise splitting, class drop, restoration, CDR and PNG grids."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kflow.schedule import BandSchedule
+from kflow_image.codecs import make_codec
+from kflow_image.dit import DiT
+from kflow_image.sampling import (cdr, class_drop_grid, class_drop_labels, degrade, guidance_grid, make_grid,
+                                  noise_split_grid, psnr, restoration_hook, restore, save_grid, split_noise)
+from kflow_image.task import ImageFlowTask, band_mask, build_transform
+
+SHAPE = (2, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(channels=2, size=8, classes=4):
+    torch.manual_seed(0)
+    m = DiT(in_channels=channels, input_size=size, patch_size=2, hidden_size=32, depth=1, num_heads=4,
+            num_classes=classes)
+    with torch.no_grad():  # leave the zero init so the output depends on the inputs
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("name", ["fourier", "wavelet"])
+def test_split_noise_shares_exactly_the_chosen_bands(name):
+    t = build_transform(name, SHAPE).double()
+    x_0, mask = split_noise(t, 5, SHAPE, kappa_min=0.5, kappa_max=1.0, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(0))
+    c = t(x_0)
+    m = mask.expand_as(c).bool()
+    assert m.any() and (~m).any()
+    shared, own = c[:, m[0]], c[:, ~m[0]]
+    torch.testing.assert_close(shared, shared[:1].expand_as(shared), atol=1e-12, rtol=0)
+    # elsewhere every pair of samples differs on every coefficient
+    assert (own[0] - own[1]).abs().min() > 0
+
+
+def test_class_drop_labels_switch_at_k_drop():
+    y = torch.tensor([3, 1, 2])
+    assert class_drop_labels(y, torch.full((3,), 0.29), 0.3, 10).tolist() == [3, 1, 2]
+    assert class_drop_labels(y, torch.full((3,), 0.30), 0.3, 10).tolist() == [10, 10, 10]
+    assert class_drop_labels(y, torch.tensor([0.1, 0.5, 0.2]), 0.3, 10).tolist() == [3, 10, 2]
+
+
+class Recorder(torch.nn.Module):
+    """Records (k, labels) of every call; predicts zeros."""
+
+    def __init__(self, null):
+        super().__init__()
+        self.null, self.calls = null, []
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_k, k, y=None):
+        y = torch.full((len(x_k),), self.null) if y is None else y
+        self.calls.append((float(k[0]), y.tolist()))
+        return torch.zeros_like(x_k)
+
+    def forward_with_cfg(self, x_k, k, y, s):
+        return self.forward(x_k, k, y)
+
+
+def test_sampler_drops_the_class_after_the_chosen_fraction():
+    task = ImageFlowTask(build_transform("fourier", SHAPE), BandSchedule(0.5), num_classes=4)
+    rec = Recorder(4)
+    task.sample(rec, y=torch.tensor([0, 2]), x_0=torch.randn(2, *SHAPE), steps=10, class_drop_at=0.3,
+                cfg_scale=2.0)
+    assert len(rec.calls) == 10
+    for k, labels in rec.calls:
+        assert labels == ([0, 2] if k < 0.3 else [4, 4]), (k, labels)
+
+
+@pytest.mark.parametrize("name", ["fourier", "wavelet"])
+def test_restoration_keeps_the_observed_coarse_bands(name):
+    task = ImageFlowTask(build_transform(name, SHAPE), BandSchedule(0.5), num_classes=4)
+    model = _model()
+    obs = torch.randn(3, *SHAPE)
+    x_0 = torch.randn(3, *SHAPE)
+    hook = restoration_hook(task, x_0, obs, kappa_max=0.4)
+    out = task.sample(model, y=torch.tensor([0, 1, 2]), x_0=x_0, steps=6, hook=hook).x_1
+    mask = band_mask(task.transform, 0.0, 0.4).expand(3, *SHAPE).bool()
+    c_out, c_obs = task.transform(out), task.transform(obs)
+    torch.testing.assert_close(c_out[mask], c_obs[mask], atol=1e-5, rtol=0)
+    assert (c_out[~mask] - c_obs[~mask]).abs().mean() > 0.1  # the fine bands are generated
+
+
+def test_restore_end_to_end_with_pixel_codec():
+    codec = make_codec("identity", channels=1)
+    task = ImageFlowTask(build_transform("fourier", (1, 16, 16)), BandSchedule(0.5), num_classes=4)
+    model = _model(channels=1, size=16)
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 1, 16, 16, generator=g)
+    low = degrade(clean, "downsample", factor=4)
+    images, lat = restore(task, model, codec, low, y=torch.tensor([0, 1]), kappa_max=0.2, steps=5, generator=g)
+    assert images.shape == clean.shape and images.min() >= 0 and images.max() <= 1
+    mask = band_mask(task.transform, 0.0, 0.2).expand_as(lat).bool()
+    torch.testing.assert_close(task.transform(lat)[mask], task.transform(codec.encode(low))[mask],
+                               atol=1e-5, rtol=0)
+
+
+def test_degrade_and_psnr():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g)
+    for kind in ("downsample", "blur"):
+        d = degrade(x, kind)
+        assert d.shape == x.shape and 0 <= d.min() and d.max() <= 1
+        assert (psnr(d, x) < 40).all()
+    assert (psnr(x, x) > 100).all()
+    with pytest.raises(ValueError, match="divisible"):
+        degrade(x, "downsample", factor=3)
+    with pytest.raises(ValueError, match="unknown degradation"):
+        degrade(x, "jpeg")
+
+
+def test_cdr_definition():
+    out = cdr({0: 10.0, 1: 20.0}, {0: 15.0, 1: 20.0})
+    assert out["cdr"] == pytest.approx(1.25) and out["per_class"] == {0: 1.5, 1: 1.0}
+    assert cdr([2.0], [4.0])["cdr"] == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        cdr({0: 1.0}, {1: 1.0})
+
+
+def test_grids_are_written_as_png(tmp_path):
+    imgs = torch.rand(5, 3, 8, 10)
+    arr = make_grid(imgs, nrow=3, pad=2)
+    assert arr.shape == (2 * 10 + 2, 3 * 12 + 2, 3) and arr.dtype == np.uint8
+    p = save_grid(torch.rand(4, 1, 8, 8), tmp_path / "g.png", nrow=2, scale=2)
+    with Image.open(p) as im:
+        assert im.format == "PNG" and im.size == (2 * (2 * 10 + 2), 2 * (2 * 10 + 2))
+    codec = make_codec("identity", channels=1)
+    task = ImageFlowTask(build_transform("wavelet", (1, 8, 8)), BandSchedule(0.5), num_classes=4)
+    model = _model(channels=1)
+    assert guidance_grid(task, model, codec, tmp_path / "cfg.png", classes=[0, 1], scales=(1.0, 3.0),
+                         n_per=1, steps=2).is_file()
+    assert class_drop_grid(task, model, codec, tmp_path / "drop.png", classes=[0, 1], n_per=1, steps=2).is_file()
+    assert noise_split_grid(task, model, codec, tmp_path / "split.png", kappa_min=0.5, n=3, rows=2,
+                            steps=2).is_file()
