@@ -3,8 +3,11 @@
 Pipeline (all deterministic, vectorised over atom pairs):
 
 1. Parse with pymatgen's ``CifParser`` (errors -> ``unparsable``). Reject disorder: any
-   ``_atom_site_occupancy`` < 1, a non-trivial ``_atom_site_disorder_group``, a disordered pymatgen
-   structure, or two atoms closer than 0.5 A after symmetry expansion (``disorder``).
+   ``_atom_site_occupancy`` < 1, two or more alternative ``_atom_site_disorder_group`` values (or a negative,
+   symmetry-generated one), a disordered pymatgen structure, or two atoms closer than 0.5 A after symmetry
+   expansion (``disorder``). A file that keeps a single disorder group at full occupancy (the alternative
+   was removed) is an ordered model and is accepted. Elements are checked first (from
+   ``_atom_site_type_symbol`` when present, before the possibly expensive symmetry expansion).
 2. Elements: only :data:`ORGANIC_ELEMENTS` (H, B, C, N, O, F, Si, P, S, Cl, Se, Br, I); metals ->
    ``metal``, anything else -> ``element``; no H at all -> ``no_hydrogen``.
 3. Bonds by covalent radii (ASE/Cordero): ``d < r_i + r_j + 0.4 A`` across periodic images (pymatgen's
@@ -23,7 +26,7 @@ Pipeline (all deterministic, vectorised over atom pairs):
    (``racemic``); one that fits neither is a different conformer (``multiple_conformers``; Z' > 1). For an
    achiral molecule, the mirror image *is* a proper motion with relabelled atoms, which the
    assignment finds. Accepted copies are idealised to the exact rigid image of the template (the residual
-   before idealisation, below ``rmsd_tol`` = 0.05 A, is kept in ``meta["fit_rmsd_max"]``).
+   before idealisation, below ``rmsd_tol`` = 0.15 A, is kept in ``meta["fit_rmsd_max"]``).
 6. Whole molecules are translated by lattice vectors over a range large enough to contain the sphere
    through the 16th neighbour; the 16 nearest centroids to the central one (ties broken by molecule index,
    then lattice translation) complete the cluster. Molecule 0 is the central one; the rest are sorted by
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from ase.data import covalent_radii
+from pymatgen.io.cif import CifParser
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components

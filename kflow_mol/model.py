@@ -181,6 +181,8 @@ class TemplateEncoder(nn.Module):
 
     def __init__(self, num_species=120, scalars=32, vectors=8, layers=3, cutoff=4.5, num_radial=8):
         super().__init__()
+        if scalars <= 0 or vectors <= 0 or layers <= 0:
+            raise ValueError("TemplateEncoder needs scalars, vectors and layers > 0")
         self.cutoff, self.num_radial, self.vectors = cutoff, num_radial, vectors
         self.embed = nn.Embedding(num_species, scalars)
         self.irreps_sh = o3.Irreps.spherical_harmonics(2)
@@ -303,14 +305,17 @@ class AssemblyNet(nn.Module):
         self.k_freq = nn.Parameter(torch.logspace(0, 2, 16) * 2 * math.pi, requires_grad=False)
         self.k_mlp = _mlp([32, 32, 32])
 
+        if hidden_scalars <= 0 or hidden_vectors <= 0:
+            raise ValueError("AssemblyNet needs hidden_scalars > 0 and hidden_vectors > 0 (the outputs are l=1)")
         self.irreps_h = o3.Irreps(
-            f"{hidden_scalars}x0e+{hidden_vectors}x1o+{hidden_vectors}x1e+{hidden_l2}x2e"
+            [(m, ir) for m, ir in [(hidden_scalars, "0e"), (hidden_vectors, "1o"), (hidden_vectors, "1e"),
+                                   (hidden_l2, "2e")] if m > 0]
         )
         self.irreps_sh = o3.Irreps.spherical_harmonics(2)
         # Node inputs: pooled body vectors (rotated), learned dipoles/quadrupoles, position in the cluster.
         self.irreps_node_vec = o3.Irreps(f"{enc_vectors}x1o+{enc_vectors}x1e+{S}x1o+{S}x2e+1x1o")
         self.node_scalar_in = _mlp([enc_scalars + 32 + node_feature_dim + 1, 64, hidden_scalars])
-        self.node_vec_in = o3.Linear(self.irreps_node_vec, o3.Irreps(self.irreps_h[1:]))
+        self.node_vec_in = o3.Linear(self.irreps_node_vec, o3.Irreps([(m, ir) for m, ir in self.irreps_h if ir.l > 0]))
         # Edge equivariant features, per side (i's atoms w.r.t. j, then j's w.r.t. i), + c_j - c_i.
         S1 = self.S1
         self.irreps_ev = o3.Irreps(f"{2 * S1}x1o+{S1}x1e+{S1}x2e+{2 * S1}x1o+{S1}x1e+{S1}x2e+1x1o")

@@ -23,7 +23,6 @@ TINY_IMAGENET_PSNR_FLOOR = 20.5
 
 @pytest.fixture(scope="module")
 def codec() -> TAEF2Codec:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return make_codec("taef2")
 
 
@@ -93,8 +92,8 @@ def test_taef2_reconstructs_mnist(codec, resolution):
     assert value > MNIST_PSNR_FLOOR[resolution], f"PSNR {value:.2f} dB at {resolution}px"
     # a destroyed latent must not reconstruct: the test can fail
     with torch.no_grad():
-        y_bad = codec.decode(torch.zeros(len(x), 32, resolution // 8, resolution // 8))
-    assert psnr(x.expand(-1, 3, -1, -1), y_bad).mean().item() < value - 8
+        y_bad = codec.decode(torch.zeros(4, 32, resolution // 8, resolution // 8))
+    assert psnr(x[:4].expand(-1, 3, -1, -1), y_bad).mean().item() < value - 8
 
 
 def test_taef2_grayscale_codec_decodes_one_channel():
@@ -131,20 +130,21 @@ def test_taef2_reconstructs_tiny_imagenet(shared_dir, codec):
 
 def test_standardisation_and_state_dict_round_trip(codec):
     fresh = TAEF2Codec()
-    x = _mnist_batch(64, n=24)
+    x = _mnist_batch(32, n=16)  # 32 px keeps this fast: 32x4x4 latents
     with torch.no_grad():
         raw = fresh.encode_raw(x)
         assert not bool(fresh.stats_fitted)
-        torch.testing.assert_close(fresh.encode(x), raw)  # identity until fitted
+        torch.testing.assert_close(fresh.standardize(raw), raw)  # identity until fitted
         fresh.fit_stats(raw)
-        z = fresh.encode(x)
+        z = fresh.standardize(raw)
+        torch.testing.assert_close(fresh.encode(x[:2]), z[:2], atol=1e-4, rtol=1e-4)
     per_channel = z.transpose(0, 1).reshape(32, -1)
     torch.testing.assert_close(per_channel.mean(1), torch.zeros(32), atol=1e-4, rtol=0)
     torch.testing.assert_close(per_channel.std(1), torch.ones(32), atol=1e-4, rtol=0)
     torch.testing.assert_close(fresh.unstandardize(z), raw, atol=1e-4, rtol=1e-5)
     # decode undoes the standardisation
     with torch.no_grad():
-        torch.testing.assert_close(fresh.decode(z), fresh.decode_raw(raw), atol=1e-4, rtol=0)
+        torch.testing.assert_close(fresh.decode(z[:2]), fresh.decode_raw(raw[:2]), atol=1e-4, rtol=0)
 
     # statistics travel with the state_dict; the frozen network weights do not
     sd = fresh.state_dict()
@@ -159,5 +159,4 @@ def test_standardisation_and_state_dict_round_trip(codec):
     assert set(model.state_dict()) == {"codec.latent_mean", "codec.latent_std", "codec.stats_fitted"}
     model2.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(model2["codec"].latent_std, fresh.latent_std)
-    with torch.no_grad():
-        torch.testing.assert_close(model2["codec"].encode(x), z)
+    torch.testing.assert_close(model2["codec"].standardize(raw), z)
