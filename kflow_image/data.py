@@ -232,7 +232,7 @@ class MNISTDataset(Dataset):
     """MNIST from idx ``.gz`` files (the 10,000-image test set ships in ``datasets/mnist``).
 
     28x28 digits are zero-padded by 2 pixels to 32x32 (a power of two, as the wavelet / Fourier transforms
-    want); other resolutions resize the padded 32x32 image with PIL (bicubic).
+    want); other resolutions resize the padded 32x32 image (bicubic, antialiased).
 
     Args:
         dir: folder with the idx files; default ``datasets_dir() / "mnist"`` (``$KFLOW_DATA`` or the repo's
@@ -267,8 +267,10 @@ class MNISTDataset(Dataset):
         pad_h, pad_w = 32 - x.shape[1], 32 - x.shape[2]
         if pad_h >= 0 and pad_w >= 0:  # centre the 28x28 digit in 32x32
             x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        if x.shape[1:] != (self.resolution, self.resolution):
-            x = torch.stack([pil_to_tensor(resize_center_crop(Image.fromarray(a.numpy()), self.resolution), 1)[0] for a in x])
+        if x.shape[1:] != (self.resolution, self.resolution):  # square -> square: no crop needed
+            x = torch.nn.functional.interpolate(
+                x[:, None].float(), size=(self.resolution,) * 2, mode="bicubic", antialias=True, align_corners=False
+            )[:, 0].round().clamp(0, 255).to(torch.uint8)
         self._images = x.unsqueeze(1)  # (N, 1, H, W) uint8
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.classes = [str(i) for i in range(10)]

@@ -98,7 +98,7 @@ def build_decoder() -> nn.Sequential:
     )  # fmt: skip
 
 
-def _load(module: nn.Module, path: Path) -> nn.Module:
+def _load(build, path: Path) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"TAEF2 weights not found: {path} (they ship in kflow_image/weights/)")
     try:
@@ -106,8 +106,10 @@ def _load(module: nn.Module, path: Path) -> nn.Module:
     except Exception as exc:  # corrupt / truncated file, git-lfs pointer, ...
         raise RuntimeError(f"cannot read TAEF2 weights {path}: {exc}") from exc
     state = {k: v.float() for k, v in state.items()}
+    with torch.device("meta"):  # skip the random initialisation: every tensor comes from the file
+        module = build()
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise RuntimeError(f"TAEF2 weights {path} do not match the architecture: {exc}") from exc
     return module.float().eval().requires_grad_(False)
@@ -115,9 +117,9 @@ def _load(module: nn.Module, path: Path) -> nn.Module:
 
 def load_encoder(path: str | Path | None = None) -> nn.Sequential:
     """Encoder with the shipped (or given) weights, float32, eval mode, frozen."""
-    return _load(build_encoder(), Path(path) if path else WEIGHTS_DIR / "taef2_encoder.pth")
+    return _load(build_encoder, Path(path) if path else WEIGHTS_DIR / "taef2_encoder.pth")
 
 
 def load_decoder(path: str | Path | None = None) -> nn.Sequential:
     """Decoder with the shipped (or given) weights, float32, eval mode, frozen."""
-    return _load(build_decoder(), Path(path) if path else WEIGHTS_DIR / "taef2_decoder.pth")
+    return _load(build_decoder, Path(path) if path else WEIGHTS_DIR / "taef2_decoder.pth")

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 from ase.data import covalent_radii
-from pymatgen.io.cif import CifParser
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
@@ -129,6 +128,8 @@ def _parse(path: Path, allowed_elements=None):
     Raises:
         BuildError: ``unparsable`` (or ``disorder`` when a disordered file also fails to parse).
     """
+    from pymatgen.io.cif import CifParser  # lazy: pymatgen takes seconds to import
+
     try:
         text = path.read_text(errors="replace")
     except OSError as e:
@@ -162,9 +163,6 @@ def _parse(path: Path, allowed_elements=None):
         raise BuildError(path, "unparsable", "no structure could be built from the file")
     msgs = sorted({str(w.message)[:160] for w in caught})
     return structures[0], msgs, disorder
-
-
-from pymatgen.io.cif import CifParser
 
 
 def _check_elements(path, symbols: list[str], allowed) -> None:

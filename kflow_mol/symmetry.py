@@ -78,8 +78,10 @@ def _match(species: np.ndarray, moved: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def _kabsch_np(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """Proper rotation R with R P_a ~ Q_a for centred (n, 3) arrays."""
-    return so3.kabsch(torch.from_numpy(P), torch.from_numpy(Q)).numpy()
+    """Proper rotation R with R P_a ~ Q_a for centred (n, 3) arrays (numpy SVD: tiny inputs, no torch overhead)."""
+    U, _, Vt = np.linalg.svd(Q.T @ P)
+    d = np.sign(np.linalg.det(U @ Vt)) or 1.0
+    return (U * np.array([1.0, 1.0, d])) @ Vt
 
 
 def automorphisms(
@@ -88,6 +90,7 @@ def automorphisms(
     tol: float = 0.1,
     class_tol: float | None = None,
     check_bonds: bool = True,
+    closure_slack: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Proper rotations mapping a rigid molecule onto itself up to an atom permutation.
 
@@ -99,6 +102,9 @@ def automorphisms(
         class_tol: tolerance (Å) for grouping atoms by distance to the centroid when generating candidates;
             default ``max(0.3, 3 * tol)`` so that no near-symmetry within ``tol`` RMSD is missed.
         check_bonds: also require the permutation to preserve the covalent bond graph.
+        closure_slack: the accepted rotations are completed to the group they generate; its extra elements
+            must fit within ``closure_slack * tol`` (else the worst generator is dropped), so the result is
+            always a group.
 
     Returns:
         ``perms (G, n)`` long and ``rotations (G, 3, 3)`` float64, identity first, sorted deterministically.
@@ -117,7 +123,7 @@ def automorphisms(
     def members(a: int) -> np.ndarray:
         return np.flatnonzero((species == species[a]) & (np.abs(radius - radius[a]) < class_tol))
 
-    accepted: dict[tuple[int, ...], np.ndarray] = {tuple(range(n)): np.eye(3)}
+    accepted: dict[tuple[int, ...], tuple[float, np.ndarray]] = {tuple(range(n)): (0.0, np.eye(3))}
 
     def consider(R0: np.ndarray) -> None:
         perm = _match(species, x @ R0.T, x)
@@ -130,9 +136,9 @@ def automorphisms(
             return
         if adj is not None and not np.array_equal(adj[np.ix_(perm, perm)], adj):
             return
-        accepted[key] = R
+        accepted[key] = (float(rmsd), R)
 
-    off = np.flatnonzero(radius > class_tol)
+    off = np.flatnonzero(radius > 0.25)  # atoms far enough from the centre to define a direction
     if len(off) > 0:
         sizes = np.array([len(members(a)) for a in off])
         a = off[np.argmin(sizes)]  # first atom of a smallest class: fewest candidates
@@ -160,10 +166,61 @@ def automorphisms(
                 perp = np.cross(ua, [0.0, 1.0, 0.0])
             perp /= np.linalg.norm(perp)
             consider(2 * np.outer(perp, perp) - np.eye(3))
-    keys = sorted(accepted, key=lambda k: (k != tuple(range(n)), k))
+    group = _close_group(accepted, x, tol, closure_slack)
+    keys = sorted(group, key=lambda k: (k != tuple(range(n)), k))
     perms = torch.tensor(keys, dtype=torch.long)
-    rots = torch.from_numpy(np.stack([accepted[k] for k in keys]))
+    rots = torch.from_numpy(np.stack([group[k] for k in keys]))
     return perms, rots
+
+
+def _rmsd_of(x: np.ndarray, perm: tuple[int, ...]) -> tuple[float, np.ndarray]:
+    p = np.asarray(perm)
+    R = _kabsch_np(x, x[p])
+    return float(np.sqrt(np.mean(np.sum((x @ R.T - x[p]) ** 2, axis=1)))), R
+
+
+def _close_group(
+    accepted: dict[tuple[int, ...], tuple[float, np.ndarray]],
+    x: np.ndarray,
+    tol: float,
+    slack: float,
+    max_order: int = 240,
+) -> dict[tuple[int, ...], np.ndarray]:
+    """Make the accepted symmetries (``perm -> (rmsd, R)``) a group.
+
+    Real crystal conformers are slightly distorted, so some elements of a point group can fall just above
+    ``tol`` while their neighbours fall below: the accepted set is then not closed (e.g. 7 of benzene's 12).
+    Generate the group of the accepted elements; keep it when every element fits within ``slack * tol``,
+    otherwise drop the worst-fitting generator and retry. The result is always a group.
+    """
+    gens = dict(accepted)
+    fits = dict(accepted)
+    identity = tuple(range(len(x)))
+    while True:
+        group = set(gens)
+        arr = {k: np.asarray(k) for k in group}
+        frontier = list(group)
+        while frontier and len(group) <= max_order:
+            new = []
+            for a in frontier:
+                pa = arr[a]
+                for b in gens:
+                    c = tuple(pa[arr[b]].tolist()) if b in arr else tuple(pa[np.asarray(b)].tolist())
+                    if c not in group:
+                        group.add(c)
+                        arr[c] = np.asarray(c)
+                        new.append(c)
+            frontier = new
+        ok = len(group) <= max_order
+        if ok:
+            for k in group:
+                if k not in fits:
+                    fits[k] = _rmsd_of(x, k)
+            ok = all(fits[k][0] < slack * tol for k in group)
+        if ok:
+            return {k: fits[k][1] for k in group}
+        worst = max((k for k in gens if k != identity), key=lambda k: fits[k][0])
+        del gens[worst]
 
 
 def point_group_order(species: np.ndarray, pos: np.ndarray, tol: float = 0.1) -> int:

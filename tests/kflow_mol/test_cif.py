@@ -182,3 +182,19 @@ def test_real_rejections(shared_dir, rel, reason):
     with pytest.raises(BuildError) as ei:
         cluster_from_cif(shared_dir / "data" / "crystals" / rel)
     assert ei.value.reason == reason
+
+
+def test_build_error_pickles_and_timeout(tmp_path):
+    import pickle
+
+    e = BuildError("x.cif", "metal", "contains Na")
+    e2 = pickle.loads(pickle.dumps(e))
+    assert (e2.path, e2.reason, str(e2)) == (e.path, e.reason, str(e))
+    src = tmp_path / "cifs"
+    src.mkdir()
+    (src / "a.cif").write_bytes((DATA / "ok_methanol_p21c.cif").read_bytes())
+    s = build_dataset(src, tmp_path / "o", workers=1, progress=False, timeout=1e-4)
+    assert s["reasons"] == {"timeout": 1} and s["accepted"] == 0
+    with pytest.raises(BuildError) as ei:
+        build_dataset(tmp_path / "nothing", tmp_path / "o2", progress=False)
+    assert ei.value.reason == "bad_input"

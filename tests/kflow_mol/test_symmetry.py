@@ -75,7 +75,8 @@ def test_distorted_molecule_loses_symmetry_beyond_tol():
     bond = x[h] - x[o]
     x[h] += 0.3 * bond / np.linalg.norm(bond)  # one O-H bond stretched by 0.3 Å: no C2 left
     assert automorphisms(z, x, tol=0.1)[0].shape[0] == 1
-    assert automorphisms(z, x, tol=0.5)[0].shape[0] == 2  # ...unless the tolerance allows it
+    # ...unless the tolerance allows it (the bond check would still see a different graph)
+    assert automorphisms(z, x, tol=0.5, check_bonds=False)[0].shape[0] == 2
 
 
 def test_closest_equivalent_picks_smallest_rotation_batched():
