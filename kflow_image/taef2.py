@@ -6,12 +6,13 @@ keys are ``nn.Sequential`` positions). Weights: ``kflow_image/weights/taef2_{enc
 
 Images are in ``[0, 1]``; latents have 32 channels at 1/8 of the image resolution.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 LATENT_CHANNELS = 32
@@ -44,7 +45,11 @@ class Block(nn.Module):
     def __init__(self, channels: int = _WIDTH, mid: bool = False) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            _conv(channels, channels), nn.ReLU(), _conv(channels, channels), nn.ReLU(), _conv(channels, channels)
+            _conv(channels, channels),
+            nn.ReLU(),
+            _conv(channels, channels),
+            nn.ReLU(),
+            _conv(channels, channels),
         )
         self.pool = (
             nn.Sequential(

@@ -199,7 +199,7 @@ def _superpose(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
     return (P - P.mean(0)) @ R.T + Q.mean(0)
 
 
-def match_molecules(pred: Any, true: Any, max_iter: int = 10) -> np.ndarray:
+def match_molecules(pred: Any, true: Any, max_iter: int = 10, return_candidates: bool = False):
     """Assign predicted molecules to true molecules (see the module docstring).
 
     Args:
@@ -208,13 +208,14 @@ def match_molecules(pred: Any, true: Any, max_iter: int = 10) -> np.ndarray:
         max_iter: alternations of superposition and assignment per start.
 
     Returns:
-        ``sigma (M,)``: ``pred[sigma]`` is aligned with ``true`` (``sigma[j]`` = predicted molecule for true ``j``).
+        ``sigma (M,)``: ``pred[sigma]`` is aligned with ``true`` (``sigma[j]`` = predicted molecule for true ``j``);
+        with ``return_candidates`` the list of distinct candidate matchings, best (lowest PM-atom) first.
     """
     p, t = _cluster(pred, "pred"), _cluster(true, "true")
     cp, ct = p.mean(1), t.mean(1)
     M = len(ct)
     if not (np.all(np.isfinite(p))):
-        return np.arange(M)
+        return [np.arange(M)] if return_candidates else np.arange(M)
     # Rotation-invariant start: each molecule's sorted distances to all centroids.
     prof_p, prof_t = np.sort(_dist(cp), axis=1), np.sort(_dist(ct), axis=1)
     _, inv_start = linear_sum_assignment(np.linalg.norm(prof_t[:, None] - prof_p[None], axis=-1))
@@ -236,6 +237,11 @@ def match_molecules(pred: Any, true: Any, max_iter: int = 10) -> np.ndarray:
     for s in candidates:
         idx = _atom_index(s, n)
         scores.append(_rms(Dp[np.ix_(idx, idx)], Dt))
+    if return_candidates:
+        unique: dict[tuple, np.ndarray] = {}
+        for i in np.argsort(scores, kind="stable"):
+            unique.setdefault(tuple(candidates[i].tolist()), candidates[i])
+        return list(unique.values())
     return candidates[int(np.argmin(scores))]
 
 
@@ -280,34 +286,45 @@ def _symmetry_descent(p: np.ndarray, t: np.ndarray, labels: np.ndarray, perms: n
 
 
 def pm_atom_symmetry_aware(
-    pred: Any, true: Any, perms: torch.Tensor | np.ndarray, sigma: np.ndarray | None = None
-) -> tuple[float, np.ndarray]:
+    pred: Any, true: Any, perms: torch.Tensor | np.ndarray, sigma: np.ndarray | list | None = None
+) -> tuple[float, np.ndarray, np.ndarray]:
     """PM-atom minimised over molecule matching and per-molecule automorphisms.
+
+    Every candidate molecule matching is tried (a matching that lowers the labelled PM is not necessarily
+    the one that is best once labels are free), each with the descent over automorphisms.
 
     Args:
         pred: ``(M, n, 3)``.
         true: ``(M, n, 3)``.
         perms: ``(G, n)`` automorphism permutations of the molecule (identity first).
-        sigma: molecule matching (default: :func:`match_molecules`).
+        sigma: a matching or a list of candidate matchings (default: those of :func:`match_molecules`).
 
     Returns:
-        ``(value, true_relabelled (M, n, 3))`` where ``true_relabelled`` is aligned with ``pred[sigma]``.
+        ``(value, sigma, true_relabelled (M, n, 3))`` where ``true_relabelled`` is aligned with ``pred[sigma]``.
     """
     p, t = _cluster(pred, "pred"), _cluster(true, "true")
     perms_np = np.asarray(torch.as_tensor(perms).cpu(), dtype=np.int64)
     if sigma is None:
-        sigma = match_molecules(p, t)
-    ps = p[sigma]
+        sigmas = match_molecules(p, t, return_candidates=True)
+    elif isinstance(sigma, list):
+        sigmas = sigma
+    else:
+        sigmas = [np.asarray(sigma)]
     M = len(t)
-    best_val, best = pm_atom(ps, t), t
-    if perms_np.shape[0] > 1 and np.all(np.isfinite(ps)):
-        _, idx = closest_equivalent(torch.from_numpy(t), torch.from_numpy(ps), torch.from_numpy(perms_np))
-        for start in (np.zeros(M, dtype=np.int64), idx.numpy().astype(np.int64)):
-            cur, _ = _symmetry_descent(ps, t, start.copy(), perms_np)
-            val = pm_atom(ps, cur)
-            if val < best_val:
-                best_val, best = val, cur
-    return best_val, best
+    best_val, best_sigma, best = float("inf"), sigmas[0], t
+    for s in sigmas:
+        ps = p[s]
+        val0 = pm_atom(ps, t)
+        if val0 < best_val or best_val == float("inf"):  # a nan PM (non-finite prediction) is kept as is
+            best_val, best_sigma, best = val0, s, t
+        if perms_np.shape[0] > 1 and np.all(np.isfinite(ps)):
+            _, idx = closest_equivalent(torch.from_numpy(t), torch.from_numpy(ps), torch.from_numpy(perms_np))
+            for start in (np.zeros(M, dtype=np.int64), idx.numpy().astype(np.int64)):
+                cur, _ = _symmetry_descent(ps, t, start.copy(), perms_np)
+                val = pm_atom(ps, cur)
+                if val < best_val:
+                    best_val, best_sigma, best = val, s, cur
+    return best_val, best_sigma, best
 
 
 def cluster_rmsd(pred: Any, true: Any) -> float:
@@ -394,16 +411,18 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
         "collision": collision_rate(p, species),
         "separation": separation_rate(p),
     }
-    pi, sigma = pm_atom_perm_invariant(p, t)
-    sym, t_rel = pm_atom_symmetry_aware(p, t, perms, sigma=sigma)
+    sigmas = match_molecules(p, t, return_candidates=True)
+    sigma = sigmas[0]
+    pi = pm_atom(p[sigma], t)
+    sym, sigma_sym, t_rel = pm_atom_symmetry_aware(p, t, perms, sigma=sigmas)
     out.update(
         pm_atom_perm_invariant=pi,
         pm_center_perm_invariant=pm_center(p[sigma], t),
         pm_atom_symmetry_aware=sym,
         collision_inter=collision_inter(p, species),
         cluster_rmsd=cluster_rmsd(p, t),
-        cluster_rmsd_symmetry_aware=cluster_rmsd(p[sigma], t_rel),
-        compack_matched=compack_matched(p[sigma], t_rel),
+        cluster_rmsd_symmetry_aware=cluster_rmsd(p[sigma_sym], t_rel),
+        compack_matched=compack_matched(p[sigma_sym], t_rel),
         symmetry_order=int(torch.as_tensor(perms).shape[0]),
     )
     return out

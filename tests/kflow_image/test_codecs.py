@@ -1,6 +1,8 @@
 """Codecs: identity and TAEF2 (shipped weights) — shapes, reconstruction quality, standardisation."""
+
 from __future__ import annotations
 
+import copy
 import io
 import tarfile
 
@@ -129,7 +131,8 @@ def test_taef2_reconstructs_tiny_imagenet(shared_dir, codec):
 
 
 def test_standardisation_and_state_dict_round_trip(codec):
-    fresh = TAEF2Codec()
+    fresh = copy.deepcopy(codec)  # cheaper than reloading the weights
+    fresh.stats_fitted.fill_(False)
     x = _mnist_batch(32, n=16)  # 32 px keeps this fast: 32x4x4 latents
     with torch.no_grad():
         raw = fresh.encode_raw(x)
@@ -149,13 +152,16 @@ def test_standardisation_and_state_dict_round_trip(codec):
     # statistics travel with the state_dict; the frozen network weights do not
     sd = fresh.state_dict()
     assert set(sd) == {"latent_mean", "latent_std", "stats_fitted"}
-    other = TAEF2Codec()
+    other = copy.deepcopy(codec)
     other.load_state_dict(sd)
     assert bool(other.stats_fitted)
     torch.testing.assert_close(other.latent_mean, fresh.latent_mean)
     torch.testing.assert_close(other.latent_std, fresh.latent_std)
     # nested inside a model, strict loading still works
-    model, model2 = torch.nn.ModuleDict({"codec": fresh}), torch.nn.ModuleDict({"codec": TAEF2Codec()})
+    model, model2 = (
+        torch.nn.ModuleDict({"codec": fresh}),
+        torch.nn.ModuleDict({"codec": copy.deepcopy(codec)}),
+    )
     assert set(model.state_dict()) == {"codec.latent_mean", "codec.latent_std", "codec.stats_fitted"}
     model2.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(model2["codec"].latent_std, fresh.latent_std)

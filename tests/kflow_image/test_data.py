@@ -1,4 +1,5 @@
 """Image datasets (MNIST shipped files, image folders, tar archives) and the latent cache."""
+
 from __future__ import annotations
 
 import gzip
@@ -135,6 +136,7 @@ def test_image_folder_errors(tmp_path):
 # -------------------------------------------------------------------------------------------------- tar
 def _make_tar(path, unsafe: bool = False):
     with tarfile.open(path, "w") as tf:
+
         def add(name, data):
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -1,0 +1,90 @@
+"""CPU smoke runs of every kflow-mol command on a few shipped crystals."""
+import json
+import shutil
+
+import pytest
+
+from kflow_mol.cli import main
+from kflow_mol.dataset import mini_dir
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cifs")
+    for f in sorted((mini_dir() / "cifs").glob("*.cif"))[:4]:
+        shutil.copy(f, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(small, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    rc = main(["train", "--data", str(small), "--run-dir", str(run), "trainer=smoke", "model=mol_tiny",
+               "solver.steps=3"])
+    assert rc == 0
+    return run
+
+
+def test_train_writes_run_directory(trained):
+    for name in ("config.json", "metrics.jsonl", "loss.png", "last.pt", "model.pt", "test_metrics.json"):
+        assert (trained / name).exists(), name
+    res = json.loads((trained / "test_metrics.json").read_text())
+    assert res["model"]["pm_atom"] > 0 and res["do_nothing"]["pm_atom"] > 0
+
+
+def test_resume_continues_to_more_steps(trained, small):
+    rc = main(["train", "--data", str(small), "--run-dir", str(trained), "trainer=smoke", "model=mol_tiny",
+               "solver.steps=3", "trainer.steps=6", "--resume"])
+    assert rc == 0
+    steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert max(steps) == 6
+
+
+def test_evaluate_json(trained, small, capsys):
+    rc = main(["evaluate", "--ckpt", str(trained / "model.pt"), "--data", str(small), "--split", "all",
+               "--steps", "2", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("model", "do_nothing", "centroid_oracle", "orientation_oracle", "symmetry_blind_oracle",
+                "undo_mean_expansion", "seconds_per_cluster", "num_clusters", "steps"):
+        assert key in res
+    for key in ("pm_atom", "pm_center", "pm_atom_valid_ratio", "pm_atom_perm_invariant", "pm_atom_symmetry_aware",
+                "collision", "separation", "collision_inter", "cluster_rmsd"):
+        assert key in res["model"], key
+
+
+def test_assemble_cif_and_smiles(trained, small, tmp_path):
+    cif = sorted(small.glob("*.cif"))[0]
+    out = tmp_path / "a"
+    assert main(["assemble", str(cif), "--out", str(out), "--ckpt", str(trained / "model.pt"), "--steps", "3"]) == 0
+    for name in ("assembled.cif", "assembled.extxyz", "trajectory.extxyz", "assembled.png", "metrics.json"):
+        assert (out / name).exists(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["reference_known"] and "pm_atom" in m["model"] and "do_nothing" in m["floors"]
+    out2 = tmp_path / "b"
+    assert main(["assemble", "--smiles", "Cc1ccccc1O", "--out", str(out2), "--ckpt", str(trained / "model.pt"),
+                 "--steps", "2"]) == 0
+    assert not json.loads((out2 / "metrics.json").read_text())["reference_known"]
+
+
+def test_bad_inputs_give_clear_errors(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["assemble", str(tmp_path / "missing.cif"), "--ckpt", str(trained / "model.pt")])
+    with pytest.raises(SystemExit, match="hydra overrides look like key=value"):
+        main(["train", "--data", "cod17-mini", "oops"])
+    assert main(["train", "--data", "cod17-10k", "--data-root", str(tmp_path)]) == 2
+    assert "official COD-Cluster17" in capsys.readouterr().err
+
+
+def test_build_dataset_and_inspect(small, tmp_path, capsys):
+    assert main(["build-dataset", "--cif-dir", str(small), "--out", str(tmp_path / "d"), "--workers", "1"]) == 0
+    assert (tmp_path / "d" / "report.jsonl").exists()
+    ids = sorted(p.name for p in (tmp_path / "d" / "raw" / "InitialPositions").glob("*.csv"))
+    assert ids
+    png = tmp_path / "pic.png"
+    assert main(["inspect", str(sorted(small.glob("*.cif"))[0]), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[out.rfind("{\n"):])
+    assert info["molecules"] == 17 and info["do_nothing_pm_atom"] > 0
+    assert png.exists() and png.stat().st_size > 1000
