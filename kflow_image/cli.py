@@ -517,7 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)}")
     cmd = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.cmd]
-    return cmd(args, extra)
+    from kflow.utils import CheckpointError
+
+    try:
+        return cmd(args, extra)
+    except (FileNotFoundError, CheckpointError, ValueError) as err:
+        # bad input: one clear line naming the file and the reason, no traceback
+        raise SystemExit(f"error: {err}") from err
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 
 from kflow_mol import so3
 
-__all__ = ["centroid", "relative_rotation", "inertial_frame", "body_coordinates", "rigid_transform"]
+__all__ = ["body_coordinates", "centroid", "inertial_frame", "relative_rotation", "rigid_transform"]
 
 
 def centroid(pos: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,8 @@ Ours (beyond the paper; each name says what it is):
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,20 +52,20 @@ from kflow_mol.symmetry import automorphisms, closest_equivalent
 __all__ = [
     "ASSEMBLEFLOW_COVALENT_RADII",
     "VALID_THRESHOLD",
-    "packing_matching",
-    "pm_atom",
-    "pm_center",
-    "collision_rate",
-    "separation_rate",
-    "collision_inter",
-    "match_molecules",
-    "pm_atom_perm_invariant",
-    "pm_atom_symmetry_aware",
     "cluster_rmsd",
+    "collision_inter",
+    "collision_rate",
     "compack_matched",
     "evaluate_cluster",
-    "summarize",
+    "match_molecules",
     "oracle_floors",
+    "packing_matching",
+    "pm_atom",
+    "pm_atom_perm_invariant",
+    "pm_atom_symmetry_aware",
+    "pm_center",
+    "separation_rate",
+    "summarize",
 ]
 
 VALID_THRESHOLD = 100.0  # Å; AssembleFlow's matching_threshold

@@ -222,37 +222,40 @@ class TemplateEncoder(nn.Module):
 
 
 class _MolLayer(nn.Module):
-    """All-to-all equivariant message passing over the molecules of each cluster (dense edges)."""
+    """All-to-all equivariant message passing over the molecules of each cluster (dense edges).
 
-    def __init__(self, irreps_h: o3.Irreps, irreps_sh: o3.Irreps, irreps_ev: o3.Irreps, edge_dim: int,
-                 n_scalars: int):
+    The tensor product runs on a narrow projection ``irreps_msg`` of the node features (its cost is per
+    edge), equivariant edge features enter through per-edge, per-channel scalar gates (a linear map after
+    the sum over neighbours is the same as before it, so it is applied once per node), and one
+    ``o3.Linear`` mixes [TP messages, edge-feature messages, self] into the Gate input.
+    """
+
+    def __init__(self, irreps_h: o3.Irreps, irreps_msg: o3.Irreps, irreps_sh: o3.Irreps, irreps_ev: o3.Irreps,
+                 edge_dim: int, n_scalars: int):
         super().__init__()
         self.n_scalars = n_scalars
-        self.pre = o3.Linear(irreps_h, irreps_h)
-        self.tp = _uvu_tp(irreps_h, irreps_sh, irreps_h)
+        self.pre = o3.Linear(irreps_h, irreps_msg)
+        self.tp = _uvu_tp(irreps_msg, irreps_sh, irreps_h)
         self.weights = _mlp([edge_dim + 2 * n_scalars, 64, self.tp.weight_numel])
-        self.ev_lin = o3.Linear(irreps_ev, irreps_h)
-        self.ev_gate = _mlp([edge_dim, 64, irreps_h.num_irreps])
-        self.register_buffer("channel", _channel_index(irreps_h), persistent=False)
+        self.ev_gate = _mlp([edge_dim, 64, irreps_ev.num_irreps])
+        self.register_buffer("channel", _channel_index(irreps_ev), persistent=False)
         self.gate = _gate(irreps_h)
-        self.lin = o3.Linear(self.tp.irreps_out, self.gate.irreps_in)
-        self.msg_lin = o3.Linear(irreps_h, self.gate.irreps_in)
-        self.self_lin = o3.Linear(irreps_h, self.gate.irreps_in)
+        self.lin = o3.Linear(self.tp.irreps_out + irreps_ev + irreps_h, self.gate.irreps_in)
 
     def forward(self, h, sh, z, ev, offdiag):
         """h ``(B, M, D)``; sh ``(B, M, M, 9)``; z ``(B, M, M, E)``; ev ``(B, M, M, D_ev)``;
         offdiag ``(M, M, 1)`` float mask. Edge ``(i, j)`` carries the message from ``j`` to ``i``."""
-        B, M, D = h.shape
+        B, M, _ = h.shape
         s = h[..., : self.n_scalars]
         zz = torch.cat([z, s[:, :, None].expand(B, M, M, -1), s[:, None].expand(B, M, M, -1)], dim=-1)
-        hj = self.pre(h)[:, None].expand(B, M, M, D)
-        msg = self.tp(hj.reshape(-1, D), sh.reshape(B * M * M, -1), self.weights(zz).reshape(B * M * M, -1))
-        msg = msg.reshape(B, M, M, -1)
-        emsg = self.ev_lin(ev) * self.ev_gate(z)[..., self.channel]
+        w = self.weights(zz) * offdiag  # zero weights on i == j: the TP output vanishes there
+        hj = self.pre(h)
+        hj = hj[:, None].expand(B, M, M, hj.shape[-1])
+        msg = self.tp(hj.reshape(B * M * M, -1), sh.reshape(B * M * M, -1), w.reshape(B * M * M, -1))
+        emsg = ev * (self.ev_gate(z) * offdiag)[..., self.channel]
         # Sum over the M - 1 other molecules; 1/4 ~ 1/sqrt(16) keeps the scale of the sum.
-        agg = ((msg * offdiag).sum(2) * 0.25, (emsg * offdiag).sum(2) * 0.25)
-        out = self.gate(self.lin(agg[0]) + self.msg_lin(agg[1]) + self.self_lin(h))
-        return h + out
+        agg = torch.cat([msg.reshape(B, M, M, -1).sum(2), emsg.sum(2)], dim=-1) * 0.25
+        return h + self.gate(self.lin(torch.cat([agg, h], dim=-1)))
 
 
 class AssemblyNet(nn.Module):
@@ -266,6 +269,8 @@ class AssemblyNet(nn.Module):
         hidden_scalars, hidden_vectors, hidden_l2: molecule-level irreps
             ``{s}x0e + {v}x1o + {v}x1e + {l2}x2e``.
         mol_layers: molecule-level message-passing layers.
+        msg_scalars, msg_vectors: width of the projection the per-edge tensor product runs on
+            (``{s}x0e + {v}x1o + {v}x1e + min(v, l2)x2e``): the main cost knob of the molecule level.
         contact_cutoff: atom-atom contact cutoff between molecules (Å).
         contact_channels: ``S``, template-atom channels the contact features are resolved into.
         contact_rbf: radial functions of per-atom contact distances.
@@ -286,6 +291,8 @@ class AssemblyNet(nn.Module):
         hidden_vectors: int = 16,
         hidden_l2: int = 8,
         mol_layers: int = 3,
+        msg_scalars: int = 16,
+        msg_vectors: int = 8,
         contact_cutoff: float = 6.0,
         contact_channels: int = 8,
         contact_rbf: int = 8,
@@ -296,6 +303,9 @@ class AssemblyNet(nn.Module):
         super().__init__()
         self.node_feature_dim = node_feature_dim
         self.rc, self.tau, self.K = contact_cutoff, softmin_tau, contact_rbf
+        # The soft-min works on squared distances; this temperature gives it a sharpness of ~tau (Å) at a
+        # typical contact distance of 3.5 Å.
+        self.tau2 = 2 * 3.5 * softmin_tau
         self.pos_scale, self.length_unit = pos_scale, length_unit
         self.encoder = TemplateEncoder(num_species, enc_scalars, enc_vectors, enc_layers, template_cutoff)
         S = contact_channels
@@ -322,8 +332,15 @@ class AssemblyNet(nn.Module):
         contact_scalar_dim = 1 + contact_rbf + contact_rbf * S1
         self.num_centroid_rbf = 24
         self.edge_mlp = _mlp([self.num_centroid_rbf + 2 * contact_scalar_dim, 64, 64])
+        # Equivariant edge features are embedded once (a linear map), then gated per layer.
+        self.irreps_evh = o3.Irreps(f"{hidden_vectors}x1o+{hidden_vectors}x1e+{max(hidden_l2, 4)}x2e")
+        self.ev_embed = o3.Linear(self.irreps_ev, self.irreps_evh)
+        self.irreps_msg = o3.Irreps(
+            [(m, ir) for m, ir in [(msg_scalars, "0e"), (msg_vectors, "1o"), (msg_vectors, "1e"),
+                                   (min(msg_vectors, hidden_l2), "2e")] if m > 0]
+        )
         self.layers = nn.ModuleList(
-            [_MolLayer(self.irreps_h, self.irreps_sh, self.irreps_ev, 64, hidden_scalars)
+            [_MolLayer(self.irreps_h, self.irreps_msg, self.irreps_sh, self.irreps_evh, 64, hidden_scalars)
              for _ in range(mol_layers)]
         )
         self.head = o3.Linear(self.irreps_h, o3.Irreps("1x1o+1x1e"))
@@ -349,35 +366,47 @@ class AssemblyNet(nn.Module):
             atoms of ``i`` w.r.t. ``j`` at ``[b, i, j]``; zero for pairs out of contact range.
         """
         B, M, n, _ = xp.shape
-        rc, tau, L = self.rc, self.tau, self.length_unit
+        rc, L = self.rc, self.length_unit
         S1, K = self.S1, self.K
         Fs = 1 + K + K * S1
         Dv = 3 * 2 * S1 + 3 * S1 + 5 * S1
         with torch.no_grad():
-            dc = torch.cdist(c, c)
-            reach = 2 * radius[:, None, None] + rc
-            keep = (dc < reach) & torch.ones(M, M, dtype=torch.bool, device=c.device).triu(1)
+            # Exact pruning (triangle inequality): atoms of i and j can only come within rc if some atom of
+            # j is within r_i + rc of c_i and vice versa. near[b, i, j] = min_b |x_b(j) - c_i|.
+            dist = torch.cdist(c, xp.reshape(B, M * n, 3)).reshape(B, M, M, n)
+            near = dist.masked_fill(~batch.pad_mask[:, None, None, :], float("inf")).amin(-1)
+            reach = (radius + rc)[:, None, None]
+            keep = (near < reach) & (near.transpose(1, 2) < reach)
+            keep &= torch.ones(M, M, dtype=torch.bool, device=c.device).triu(1)
             bi, ii, jj = keep.nonzero(as_tuple=True)
         scal = xp.new_zeros(B, M, M, Fs)
         vec = xp.new_zeros(B, M, M, Dv)
+        self.last_num_pairs = int(bi.numel())  # for profiling
         if bi.numel() == 0:
             return scal, vec
         ci, cj = c[bi, ii], c[bi, jj]
         # Positions relative to c_i (small numbers: exact translation invariance, good float32 precision).
         xi = xp[bi, ii] - ci[:, None]
         xj = xp[bi, jj] - ci[:, None]
-        mask = batch.pad_mask[bi]
-        m = mask[:, :, None] & mask[:, None, :]
+        mask = batch.pad_mask[bi].to(xp.dtype)
+        m = mask[:, :, None] * mask[:, None, :]
         d2 = (xi * xi).sum(-1)[:, :, None] + (xj * xj).sum(-1)[:, None, :] - 2 * xi @ xj.transpose(1, 2)
-        d = torch.sqrt(d2.clamp_min(0.0) + 1e-10)
-        w = _envelope(d / rc) * m  # contact weight, exactly 0 beyond rc and on padded slots
-        q = w * torch.exp((rc - d) / tau)  # soft-min weights, relative to rc for float32 range
+        # Contact weight (1 - d^2/rc^2)^3: smooth (C^2) at rc, exactly 0 beyond and on padded slots; working
+        # on d^2 avoids a sqrt and a high power on the largest tensor of the model.
+        w = (1.0 - d2 * (1.0 / rc**2)).clamp_min(0.0)
+        w = w * w * w * m
+        q = w * torch.exp((rc**2 - d2) / self.tau2)  # soft-min weights (on d^2), relative to rc
+        ones_i, ones_j = torch.ones_like(xi[..., :1]), torch.ones_like(xj[..., :1])
+        wx = w @ torch.cat([xj, ones_j], -1)  # (P, n, 4): sum_b w x_b and the contact count of a
+        wtx = w.transpose(1, 2) @ torch.cat([xi, ones_i], -1)
+        n_i, n_j = wx[..., 3], wtx[..., 3]
+        v_i = (wx[..., :3] - n_i[..., None] * xi) / L
+        v_j = (wtx[..., :3] - n_j[..., None] * xj) / L
         s = s_pad[bi]
         lev_i = xi / L
         lev_j = (xp[bi, jj] - cj[:, None]) / L
-        side_i = self._side(w.sum(2), q.sum(2), (w @ xj - w.sum(2)[..., None] * xi) / L, lev_i, s)
-        wt = w.transpose(1, 2)
-        side_j = self._side(wt.sum(2), q.sum(1), (wt @ xi - wt.sum(2)[..., None] * xj) / L, lev_j, s)
+        side_i = self._side(n_i, q.sum(2), v_i, lev_i, s)
+        side_j = self._side(n_j, q.sum(1), v_j, lev_j, s)
         scal = scal.index_put((bi, ii, jj), side_i[0]).index_put((bi, jj, ii), side_j[0])
         vec = vec.index_put((bi, ii, jj), side_i[1]).index_put((bi, jj, ii), side_j[1])
         return scal, vec
@@ -386,14 +415,15 @@ class AssemblyNet(nn.Module):
         """Reduce one side of a pair block to pair features.
 
         Args:
-            n_a: ``(P, n)`` contact counts per atom; p_a: ``(P, n)`` soft-min sums; v_a: ``(P, n, 3)``
+            n_a: ``(P, n)`` contact counts per atom; p_a: ``(P, n)`` soft-min sums (on squared distances); v_a: ``(P, n, 3)``
             contact vectors (towards the other molecule); lev: ``(P, n, 3)`` lever arms; s: ``(P, n, S1)``.
         """
-        rc, tau = self.rc, self.tau
-        dsoft = rc - tau * torch.log1p(p_a)  # <= rc, == rc without contacts
+        rc, tau2 = self.rc, self.tau2
+        # soft-min distance: <= rc, == rc without contacts (so e_a vanishes there)
+        dsoft = (rc**2 - tau2 * torch.log1p(p_a)).clamp_min(0.01).sqrt()
         e_a = _gaussians(dsoft, 1.0, rc, self.K) * _envelope(dsoft / rc)[..., None]  # (P, n, K)
         count = n_a.sum(1)
-        dpair = rc - tau * torch.log1p(p_a.sum(1))
+        dpair = (rc**2 - tau2 * torch.log1p(p_a.sum(1))).clamp_min(0.01).sqrt()
         e_pair = _gaussians(dpair, 1.0, rc, self.K) * _envelope(dpair / rc)[..., None]
         which = torch.einsum("pak,pas->pks", e_a, s).flatten(1)
         scal = torch.cat([torch.log1p(count)[:, None], e_pair, which], dim=-1)
@@ -483,7 +513,7 @@ class AssemblyNet(nn.Module):
         z = self.edge_mlp(torch.cat([_gaussians(dij, 0.0, 60.0, self.num_centroid_rbf), cs,
                                      cs.transpose(1, 2)], dim=-1))
         cv_t = cv.transpose(1, 2)
-        ev = torch.cat([cv, cv_t, _to_e3nn(cij) / self.pos_scale], dim=-1)
+        ev = self.ev_embed(torch.cat([cv, cv_t, _to_e3nn(cij) / self.pos_scale], dim=-1))
         offdiag = (~eye).to(c.dtype)[..., None]
         for layer in self.layers:
             h = layer(h, sh, z, ev, offdiag)

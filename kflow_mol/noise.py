@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LooseConfig", "make_loose", "undo_mean_expansion", "random_rotation_np"]
+__all__ = ["LooseConfig", "make_loose", "random_rotation_np", "undo_mean_expansion"]
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import roma
 import torch
 
-__all__ = ["exp", "log", "kabsch", "random_rotation", "geodesic_distance", "hat"]
+__all__ = ["exp", "geodesic_distance", "hat", "kabsch", "log", "random_rotation"]
 
 
 def hat(omega: torch.Tensor) -> torch.Tensor:
@@ -58,6 +58,12 @@ def log(R: torch.Tensor) -> torch.Tensor:
     return roma.rotmat_to_rotvec(R)
 
 
+def _outer_sum(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``sum_a A_a B_a^T`` for ``(..., n, 3)`` inputs, as a broadcast sum: measured far faster on CPU than a
+    batched ``(3, n) @ (n, 3)`` matmul for these tiny shapes, and it keeps autograd simple."""
+    return (A.unsqueeze(-1) * B.unsqueeze(-2)).sum(-3)
+
+
 def kabsch(P: torch.Tensor, Q: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Optimal proper rotation aligning centred ``P`` onto centred ``Q``.
 
@@ -78,14 +84,14 @@ def kabsch(P: torch.Tensor, Q: torch.Tensor, weights: torch.Tensor | None = None
         cP = P.mean(-2, keepdim=True)
         cQ = Q.mean(-2, keepdim=True)
         Pc, Qc = P - cP, Q - cQ
-        M = Qc.transpose(-1, -2) @ Pc  # (..., 3, 3) = sum_a q_a p_a^T
+        M = _outer_sum(Qc, Pc)  # (..., 3, 3) = sum_a q_a p_a^T
     else:
         w = weights.to(P.dtype).unsqueeze(-1)
         wsum = w.sum(-2, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
         cP = (w * P).sum(-2, keepdim=True) / wsum
         cQ = (w * Q).sum(-2, keepdim=True) / wsum
         Pc, Qc = P - cP, Q - cQ
-        M = Qc.transpose(-1, -2) @ (w * Pc)
+        M = _outer_sum(Qc, w * Pc)
     # argmax_R sum_a q_a^T R p_a = closest rotation (Frobenius) to M.
     return roma.special_procrustes(M)
 

@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 from kflow_mol import so3
 
-__all__ = ["automorphisms", "closest_equivalent", "bond_graph", "graph_automorphism_count", "point_group_order"]
+__all__ = ["automorphisms", "bond_graph", "closest_equivalent", "graph_automorphism_count", "point_group_order"]
 
 
 def _covalent_radii(species: np.ndarray) -> np.ndarray:

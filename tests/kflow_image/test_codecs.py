@@ -28,7 +28,7 @@ def codec() -> TAEF2Codec:
     return make_codec("taef2")
 
 
-def _mnist_batch(resolution: int, n: int = 12) -> torch.Tensor:
+def _mnist_batch(resolution: int, n: int = 8) -> torch.Tensor:
     ds = MNISTDataset(resolution=resolution)
     return torch.stack([ds[i][0] for i in range(0, 10_000, 10_000 // n)][:n])
 
@@ -86,7 +86,7 @@ def test_taef2_shapes_and_errors(codec):
 
 @pytest.mark.parametrize("resolution", [64, 32])
 def test_taef2_reconstructs_mnist(codec, resolution):
-    x = _mnist_batch(resolution)  # (12, 1, r, r): grayscale is repeated to RGB
+    x = _mnist_batch(resolution)  # (8, 1, r, r): grayscale is repeated to RGB
     with torch.no_grad():
         y = codec.decode(codec.encode(x))
     assert y.shape == (len(x), 3, resolution, resolution)
@@ -100,11 +100,11 @@ def test_taef2_reconstructs_mnist(codec, resolution):
 
 def test_taef2_grayscale_codec_decodes_one_channel():
     codec = TAEF2Codec(image_channels=1)
-    x = _mnist_batch(64, n=2)
+    x = _mnist_batch(32, n=4)
     with torch.no_grad():
         y = codec.decode(codec.encode(x))
-    assert y.shape == (2, 1, 64, 64)
-    assert psnr(x, y).mean() > MNIST_PSNR_FLOOR[64]
+    assert y.shape == (4, 1, 32, 32)
+    assert psnr(x, y).mean() > MNIST_PSNR_FLOOR[32]
 
 
 def test_taef2_reconstructs_tiny_imagenet(shared_dir, codec):
@@ -166,3 +166,17 @@ def test_standardisation_and_state_dict_round_trip(codec):
     model2.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(model2["codec"].latent_std, fresh.latent_std)
     torch.testing.assert_close(model2["codec"].standardize(raw), z)
+
+
+def test_taef2_architecture_matches_key_listing(shared_dir):
+    listing_dir = shared_dir / "weights/taef2"
+    for name, build in (("encoder", taef2.build_encoder), ("decoder", taef2.build_decoder)):
+        listing = listing_dir / f"{name}_keys.txt"
+        if not listing.is_file():
+            pytest.skip(f"{listing} not found")
+        expected = {}
+        for line in listing.read_text().splitlines():
+            key, shape, _dtype = line.split("\t")
+            expected[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+        got = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+        assert got == expected

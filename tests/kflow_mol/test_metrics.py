@@ -15,7 +15,7 @@ from kflow_mol.noise import LooseConfig, make_loose
 from kflow_mol.symmetry import automorphisms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_symmetry import molecule  # noqa: E402
+from test_symmetry import molecule
 
 
 def _rot(seed: int) -> np.ndarray:
@@ -73,7 +73,7 @@ def test_collision_does_not_crash_on_elements_missing_from_their_table():
 
 
 def test_pm_invariant_to_global_rigid_motion():
-    z, true = toy_cluster()
+    _, true = toy_cluster()
     pred = make_loose(true, np.random.default_rng(0))
     R, t = _rot(7), np.array([3.0, -2.0, 10.0])
     moved = pred @ R.T + t
@@ -102,7 +102,7 @@ def test_summarize_valid_ratio_and_repeats():
 
 
 def test_perm_invariant_pm_is_zero_for_molecule_permuted_copy():
-    z, true = toy_cluster()
+    _, true = toy_cluster()
     shuffle = np.random.default_rng(1).permutation(len(true))
     pred = true[shuffle] @ _rot(3).T + 1.0
     assert M.pm_atom(pred, true) > 1.0
@@ -152,7 +152,7 @@ def test_asymmetric_molecule_oracle_is_exact():
 
 
 def test_compack_counts_consistent_subset():
-    z, true = toy_cluster()
+    _, true = toy_cluster()
     pred = true.copy()
     # rotate 3 shell molecules in place by 90 degrees: they break orientation consistency
     ct = true.mean(1)
@@ -174,3 +174,15 @@ def test_real_cluster_oracles(shared_dir):
     assert fl["symmetry_blind_oracle"]["pm_atom_symmetry_aware"] < 1e-9
     assert fl["symmetry_blind_oracle"]["pm_atom"] > 0.5
     assert fl["do_nothing"]["pm_atom"] > 8.0
+
+
+def test_non_finite_prediction_is_invalid_not_a_crash():
+    z, true = toy_cluster("O", spacing=4.0)
+    pred = true.copy()
+    pred[3, 1] = np.nan
+    r = M.evaluate_cluster(pred, true, z)
+    assert not np.isfinite(r["pm_atom"]) and r["compack_matched"] == 0
+    far = true * 1e3
+    r2 = M.evaluate_cluster(far, true, z)
+    s = M.summarize([r, r2, M.evaluate_cluster(true, true, z)])
+    assert s["pm_atom_valid_ratio"] == pytest.approx(1 / 3) and s["pm_atom"] == pytest.approx(0.0, abs=1e-9)

@@ -172,16 +172,20 @@ def test_bad_shapes_raise(setup):
 
 
 def test_overfits_one_cluster():
+    """A small float32 model fits fixed targets on one cluster (the loss drops by 5x)."""
     gen = torch.Generator().manual_seed(5)
-    batch = collate([_template(8, gen)], dtype=torch.float64)
-    x = _state(1, gen)
-    target = torch.randn(1, M, 6, generator=gen, dtype=torch.float64)
+    species, t = _template(8, gen)
+    batch = collate([(species, t)], dtype=torch.float32)
+    x = _state(1, gen).to(dtype=torch.float32)
+    target = torch.randn(1, M, 6, generator=gen)
     target[..., :3] *= 5.0
-    k = torch.tensor([0.5], dtype=torch.float64)
-    model = _build(F=0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    k = torch.tensor([0.5])
+    torch.manual_seed(0)
+    model = AssemblyNet(node_feature_dim=0, enc_layers=1, mol_layers=2, hidden_scalars=16, hidden_vectors=4,
+                        hidden_l2=2, enc_scalars=8, enc_vectors=2, contact_channels=2)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     losses = []
-    for _ in range(60):
+    for _ in range(40):
         loss = (model(x, k, batch=batch) - target).square().mean()
         opt.zero_grad()
         loss.backward()

@@ -11,7 +11,7 @@ from kflow_mol import metrics as M
 from kflow_mol.noise import LooseConfig, make_loose, random_rotation_np, undo_mean_expansion
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_metrics import toy_cluster  # noqa: E402
+from test_metrics import toy_cluster
 
 
 def _kabsch(P, Q):
@@ -45,7 +45,7 @@ def test_each_molecule_moves_rigidly_and_is_rotated():
 
 
 def test_no_overlaps():
-    z, true = toy_cluster()
+    _, true = toy_cluster()
     cfg = LooseConfig()
     for seed in range(3):
         loose = make_loose(true, np.random.default_rng(seed), cfg)

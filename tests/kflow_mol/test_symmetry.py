@@ -11,7 +11,7 @@ from kflow_mol import so3
 from kflow_mol.symmetry import automorphisms, closest_equivalent, graph_automorphism_count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def molecule(smiles: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """3-D molecule from SMILES (ETKDG + MMFF: the optimised geometry keeps the molecular symmetry)."""
     from rdkit import Chem

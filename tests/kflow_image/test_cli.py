@@ -1,0 +1,99 @@
+"""`kflow-image` CLI smoke runs on CPU with tiny overrides."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from kflow_image.cli import build_parser, main
+
+TINY = ["trainer=smoke", "data.limit=32", "model.depth=1", "model.hidden_size=32", "sample.per_class=1",
+        "solver.steps=2"]
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("KFLOW_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "mnist"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KFLOW_CACHE", str(run.parent / "cache"))
+    try:
+        assert main(["train", "--run-dir", str(run), *TINY]) == 0
+    finally:
+        mp.undo()
+    return run
+
+
+def test_train_writes_run_dir_and_png(trained):
+    for name in ("config.json", "metrics.jsonl", "loss.png", "last.pt", "samples.png"):
+        assert (trained / name).is_file(), name
+    with Image.open(trained / "samples.png") as im:
+        assert im.format == "PNG" and im.size[0] > 32
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["run"]["data"]["name"] == "mnist" and cfg["train"]["steps"] == 4
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and all(r["loss"] > 0 for r in rows if r["kind"] == "train")
+
+
+def test_resume_continues_to_more_steps(trained, tmp_path):
+    import shutil
+    run = tmp_path / "resumed"
+    shutil.copytree(trained, run)
+    assert main(["train", "--run-dir", str(run), "--resume", *TINY, "trainer.steps=6"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [2, 4, 6]
+
+
+def test_sample_controls(trained, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--ckpt", str(trained), "--out", str(out), "--n", "4", "--cfg-scale", "2",
+                 "--class-drop-at", "0.3", "--classes", "1,7", "--steps", "2"]) == 0
+    assert out.is_file()
+    assert main(["sample", "--ckpt", str(trained / "last.pt"), "--out", str(tmp_path / "split.png"), "--n", "4",
+                 "--split-bands", "0.5:1", "--rows", "2", "--steps", "2"]) == 0
+    assert main(["sample", "--ckpt", str(trained), "--out", str(tmp_path / "sr.png"), "--n", "3",
+                 "--restore", "data", "--degrade", "blur", "--steps", "2"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"psnr_observation", "psnr_restored"} <= set(info)
+    with Image.open(tmp_path / "sr.png") as im:
+        assert im.size[1] > 3 * 32  # clean, degraded and restored rows
+
+
+def test_baseline_flag_and_bad_input(tmp_path):
+    run = tmp_path / "base"
+    assert main(["train", "--baseline", "--run-dir", str(run), *TINY, "trainer.steps=2"]) == 0
+    cfg = json.loads((run / "config.json").read_text())["run"]
+    assert cfg["schedule"]["window"] == 1.0 and cfg["transform"]["_target_"].endswith("IdentityTransform")
+    with pytest.raises(SystemExit, match="key=value"):
+        main(["train", "--run-dir", str(run), "notanoverride"])
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")])
+
+
+def test_help_documents_the_flags(capsys):
+    parser = build_parser()
+    for cmd, flags in [("train", ["--data", "--baseline", "--resume"]),
+                       ("sample", ["--cfg-scale", "--class-drop-at", "--split-bands", "--restore"]),
+                       ("evaluate", ["--json", "--n"])]:
+        with pytest.raises(SystemExit):
+            parser.parse_args([cmd, "--help"])
+        text = capsys.readouterr().out
+        assert all(f in text for f in flags), (cmd, text)
+
+
+@pytest.mark.slow
+def test_evaluate_json(trained, capsys):
+    assert main(["evaluate", "--ckpt", str(trained), "--n", "8", "--steps", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for block in ("generated", "real_vs_real", "codec_reconstruction"):
+        assert {"fid", "kid", "precision", "recall"} <= set(res[block])
