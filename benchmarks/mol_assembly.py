@@ -141,7 +141,7 @@ def main() -> None:
                f"{' ' + ' '.join(args.overrides) if args.overrides else ''}` — {out['date']}, {out['machine']}.\n\n"
                f"{n} CIFs → {r0['num_clusters']} test clusters (seeded 80/10/10 split, seed 0); molecules per symmetry "
                f"order in the test split: {orders}. Loose states: our noise model (per-molecule random rotation, "
-               f"centroids pushed out by U[1.5, 2.5] each + 3 Å jitter). Same network, steps and seed for every "
+               f"centroids pushed out by U[1.5, 3.0] each (mean 2.25) + 3 Å jitter). Same network, steps and seed for every "
                f"variant; {args.eval_steps} exact-increment steps at test time. PM in Å; `sym-aware` = minimum over "
                f"molecular automorphisms and molecule matching (ours); floors use the known target (diagnosis only).\n\n"
                + table(results) + "\n")
