@@ -13,13 +13,13 @@ all copies:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["RigidState", "ClusterBatch", "collate"]
+__all__ = ["ClusterBatch", "RigidState", "collate"]
 
 N_MOLS = 17
 
@@ -36,7 +36,7 @@ class RigidState:
     c: torch.Tensor
     R: torch.Tensor
 
-    def to(self, device=None, dtype=None) -> "RigidState":
+    def to(self, device=None, dtype=None) -> RigidState:
         return RigidState(self.c.to(device=device, dtype=dtype), self.R.to(device=device, dtype=dtype))
 
     @property
@@ -74,7 +74,7 @@ class ClusterBatch:
     num_clusters: int
     num_mols: int = N_MOLS
 
-    def to(self, device=None, dtype=None) -> "ClusterBatch":
+    def to(self, device=None, dtype=None) -> ClusterBatch:
         """Move to ``device``; ``dtype`` (if given) applies to the float tensor ``template`` only."""
         out = {}
         for f in fields(self):

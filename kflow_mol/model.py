@@ -162,7 +162,7 @@ class TemplateCache:
     pooled_scalars: torch.Tensor
     pooled_vectors: torch.Tensor
 
-    def to(self, device=None, dtype=None) -> "TemplateCache":
+    def to(self, device=None, dtype=None) -> TemplateCache:
         return TemplateCache(*(t.to(device=device, dtype=dtype) for t in
                                (self.atom_scalars, self.pooled_scalars, self.pooled_vectors)))
 

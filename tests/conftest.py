@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# before torch loads: busy-waiting OpenMP threads make tiny ops 10-50x slower on shared 2-core machines
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

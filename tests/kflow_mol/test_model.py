@@ -5,7 +5,7 @@ import pytest
 import roma
 import torch
 
-from kflow_mol.batch import ClusterBatch, RigidState, collate
+from kflow_mol.batch import RigidState, collate
 from kflow_mol.model import AssemblyNet
 
 M = 17
@@ -41,6 +41,15 @@ def _build(F: int = 2, **kw) -> AssemblyNet:
     kw = {"enc_layers": 2, "mol_layers": 2, "hidden_scalars": 16, "hidden_vectors": 4, "hidden_l2": 2,
           "enc_scalars": 16, "enc_vectors": 4, "contact_channels": 4, **kw}
     return AssemblyNet(node_feature_dim=F, **kw).double()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (badly so on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
