@@ -39,16 +39,15 @@ from torch.utils.data import TensorDataset, default_collate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kflow.schedule import BandSchedule  # noqa: E402
-from kflow.train import TrainConfig, Trainer  # noqa: E402
-from kflow.utils import atomic_write_text  # noqa: E402
-from kflow_image.codecs import make_codec  # noqa: E402
-from kflow_image.data import TarImageDataset, default_cache_dir, encode_latents  # noqa: E402
-from kflow_image.dit import DiT  # noqa: E402
-from kflow_image.metrics import (InceptionFeatures, class_drop_ratio, fid_from_features, kid,  # noqa: E402
-                                 precision_recall)
-from kflow_image.sampling import save_grid  # noqa: E402
-from kflow_image.task import make_task  # noqa: E402
+from kflow.schedule import BandSchedule
+from kflow.train import TrainConfig, Trainer
+from kflow.utils import atomic_write_text
+from kflow_image.codecs import make_codec
+from kflow_image.data import TarImageDataset, default_cache_dir, encode_latents
+from kflow_image.dit import DiT
+from kflow_image.metrics import InceptionFeatures, class_drop_ratio, fid_from_features, kid, precision_recall
+from kflow_image.sampling import save_grid
+from kflow_image.task import make_task
 
 START, END = "<!-- image_latent:start -->", "<!-- image_latent:end -->"
 METHODS = {
@@ -131,7 +130,7 @@ def metrics_block(f_real, f):
 
 def fmt_table(res: dict) -> str:
     n = res["settings"]["n_eval"]
-    lines = [f"| method | FID ↓ | KID ↓ | precision ↑ | recall ↑ | CDR (→1) | train s | sample img/s |",
+    lines = ["| method | FID ↓ | KID ↓ | precision ↑ | recall ↑ | CDR (→1) | train s | sample img/s |",
              "|---|---|---|---|---|---|---|---|"]
     for name in ("real_vs_real", "codec_reconstruction"):
         b = res[name]

@@ -259,6 +259,12 @@ class EMA:
         except Exception as err:
             raise TypeError(f"cannot deep-copy {type(model).__name__} for the EMA ({err}); "
                             "set ema_decay=0 to train without EMA") from err
+        # deep copies of fx-compiled modules (e3nn tensor products) register their constants as buffers
+        # that the original does not persist: keep the copy's state_dict keys identical to the model's
+        persistent = set(model.state_dict())
+        for name in set(self.module.state_dict()) - persistent:
+            owner, _, attr = name.rpartition(".")
+            self.module.get_submodule(owner)._non_persistent_buffers_set.add(attr)
         self.module.eval().requires_grad_(False)
         self.decay, self.warmup, self.num_updates = float(decay), bool(warmup), 0
 

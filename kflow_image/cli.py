@@ -176,7 +176,6 @@ def load_run(ckpt: str | Path, device: str = "auto") -> dict:
     """Rebuild codec, EMA model and task from a training checkpoint (``last.pt`` or its run folder)."""
     from kflow.train import load_model_weights
     from kflow.utils import load_checkpoint, resolve_device
-    from kflow_image.codecs import make_codec
 
     path = Path(ckpt)
     if path.is_dir():
@@ -287,7 +286,7 @@ def cmd_train(args, extra) -> int:
     trainer = Trainer(model, task.loss, TensorDataset(z, labels), default_collate, tcfg,
                       extra_state=extra_state, run_config=cfg)
     t0 = time.perf_counter()
-    out = trainer.fit(resume=True if args.resume else False)
+    out = trainer.fit(resume=bool(args.resume))
     train_s = time.perf_counter() - t0
     if not trainer.is_main:
         return 0
@@ -346,11 +345,12 @@ def cmd_sample(args, extra) -> int:
 
     run = load_run(args.ckpt, args.device)
     if extra:  # sampler-side overrides (solver.steps=..., sample.x0_mode=...)
+        import yaml
         from omegaconf import OmegaConf
         base = OmegaConf.create(run["cfg"])
         for e in _rewrite_overrides(extra):
             key, _, val = e.partition("=")
-            OmegaConf.update(base, key, __import__("yaml").safe_load(val), merge=True)
+            OmegaConf.update(base, key, yaml.safe_load(val), merge=True)
         run["cfg"] = OmegaConf.to_container(base, resolve=True)
     cfg, task, model, codec, dev = run["cfg"], run["task"], run["model"], run["codec"], run["device"]
     steps = args.steps or cfg["solver"]["steps"]
@@ -418,7 +418,7 @@ def cmd_evaluate(args, extra) -> int:
     real_labels = torch.tensor([held[i][1] for i in idx_h])
     real_train = torch.stack([train_set[i][0] for i in idx_t])
     inc = InceptionFeatures(device=dev)
-    feats = lambda x: inc.features(x, batch_size=int(ecfg.get("batch_size", 64)))  # noqa: E731
+    feats = lambda x: inc.features(x, batch_size=int(ecfg.get("batch_size", 64)))
     t0 = time.perf_counter()
     labels = None if run["num_classes"] == 0 else real_labels.to(dev)  # same class histogram as the real set
     gen = generate(run, labels, n, args.seed, cfg_scale=args.cfg_scale, class_drop_at=args.class_drop_at,
@@ -459,8 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Trailing key=value pairs are hydra overrides of configs/image.yaml "
                "(e.g. transform=wavelet schedule=hard trainer.steps=3000 model=dit_small).")
     sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch default; 1 is faster for tiny models on a busy machine)")
 
-    t = sub.add_parser("train", help="train a class-conditional K-Flow DiT (default: MNIST on CPU)",
+    t = sub.add_parser("train", parents=[common], help="train a class-conditional K-Flow DiT (default: MNIST on CPU)",
                        epilog="Examples: kflow-image train;  kflow-image train --baseline;  "
                               "kflow-image train --data tiny-imagenet model=dit_small trainer.steps=20000")
     t.add_argument("--data", help="mnist (default), tiny-imagenet, or a folder root/<class>/<images>")
@@ -473,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N (trainer.device)")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (exact resume)")
 
-    s = sub.add_parser("sample", help="sample an image grid (guidance, class drop, noise split, restoration)")
+    s = sub.add_parser("sample", parents=[common], help="sample an image grid (guidance, class drop, noise split, restoration)")
     s.add_argument("--ckpt", required=True, help="run folder or checkpoint file (EMA weights are used)")
     s.add_argument("--out", required=True, help="output PNG grid")
     s.add_argument("--n", type=int, default=32, help="number of samples (default 32)")
@@ -498,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
 
-    e = sub.add_parser("evaluate", help="FID/KID/precision/recall beside real-vs-real and the codec floor")
+    e = sub.add_parser("evaluate", parents=[common], help="FID/KID/precision/recall beside real-vs-real and the codec floor")
     e.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
     e.add_argument("--n", type=int, help="sample size (default: the run's evaluate.n)")
     e.add_argument("--cfg-scale", type=float, default=1.0)
@@ -517,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)}")
     cmd = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.cmd]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from kflow.utils import CheckpointError
 
     try:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DiT", "DiTConfig", "DIT_PRESETS", "build_dit", "sincos_pos_embed_2d", "k_embedding"]
+__all__ = ["DIT_PRESETS", "DiT", "DiTConfig", "build_dit", "k_embedding", "sincos_pos_embed_2d"]
 
 
 # ----------------------------------------------------------------------------------------------- helpers

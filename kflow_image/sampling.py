@@ -26,8 +26,19 @@ from kflow_image.metrics import class_drop_ratio, psnr
 from kflow_image.task import ImageFlowTask, band_mask, class_drop_labels
 
 __all__ = [
-    "to_uint8", "make_grid", "save_grid", "class_drop_labels", "split_noise", "degrade", "psnr",
-    "restoration_hook", "restore", "cdr", "guidance_grid", "class_drop_grid", "noise_split_grid",
+    "cdr",
+    "class_drop_grid",
+    "class_drop_labels",
+    "degrade",
+    "guidance_grid",
+    "make_grid",
+    "noise_split_grid",
+    "psnr",
+    "restoration_hook",
+    "restore",
+    "save_grid",
+    "split_noise",
+    "to_uint8",
 ]
 
 

@@ -27,8 +27,17 @@ from kflow.schedule import BandSchedule, KappaWarp, make_grid
 from kflow.solver import Solution, solve
 from kflow.transforms import FourierTransform, IdentityTransform, KTransform, PCATransform, WaveletTransform
 
-__all__ = ["TRANSFORMS", "ImageFlowTask", "TaskConfig", "build_transform", "make_task", "fit_energy_warp", "band_mask",
-           "class_drop_labels", "unpack_batch"]
+__all__ = [
+    "TRANSFORMS",
+    "ImageFlowTask",
+    "TaskConfig",
+    "band_mask",
+    "build_transform",
+    "class_drop_labels",
+    "fit_energy_warp",
+    "make_task",
+    "unpack_batch",
+]
 
 TRANSFORMS = ("identity", "fourier", "wavelet", "pca")
 Hook = Callable[[int, Tensor, Tensor], "Tensor | None"]

@@ -441,3 +441,4 @@ def test_jsonl_logger_truncates_on_resume_and_survives_a_torn_line(tmp_path):
     assert plot_curves(tmp_path / "absent.jsonl", tmp_path / "none.png") is None
     JsonlLogger(tmp_path / "r1.jsonl", enabled=False).log({"step": 1})
     assert not (tmp_path / "r1.jsonl").exists()
+

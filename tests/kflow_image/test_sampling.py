@@ -9,8 +9,20 @@ from PIL import Image
 from kflow.schedule import BandSchedule
 from kflow_image.codecs import make_codec
 from kflow_image.dit import DiT
-from kflow_image.sampling import (cdr, class_drop_grid, class_drop_labels, degrade, guidance_grid, make_grid,
-                                  noise_split_grid, psnr, restoration_hook, restore, save_grid, split_noise)
+from kflow_image.sampling import (
+    cdr,
+    class_drop_grid,
+    class_drop_labels,
+    degrade,
+    guidance_grid,
+    make_grid,
+    noise_split_grid,
+    psnr,
+    restoration_hook,
+    restore,
+    save_grid,
+    split_noise,
+)
 from kflow_image.task import ImageFlowTask, band_mask, build_transform
 
 SHAPE = (2, 8, 8)

@@ -69,7 +69,7 @@ def test_loss_decreases_on_tiny_problem(transform, window, prediction):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(40):
         torch.manual_seed(step)
-        loss, metrics = task.loss(model, (x, y))
+        loss, _ = task.loss(model, (x, y))
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()

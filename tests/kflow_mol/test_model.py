@@ -201,3 +201,21 @@ def test_overfits_one_cluster():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+
+
+def test_ema_copy_keeps_state_dict_keys():
+    """Deep copies of e3nn's compiled tensor products gain buffers; the trainer's EMA must not expose them."""
+    import copy
+
+    from kflow.train import EMA
+    from kflow_mol.model import AssemblyNet
+
+    model = AssemblyNet(node_feature_dim=2, enc_scalars=8, enc_vectors=2, enc_layers=1, hidden_scalars=8,
+                        hidden_vectors=2, hidden_l2=2, mol_layers=1)
+    assert set(copy.deepcopy(model).state_dict()) != set(model.state_dict())  # the quirk this guards against
+    ema = EMA(model, 0.9)
+    assert set(ema.state_dict()["model"]) == set(model.state_dict())
+    ema.module.load_state_dict(model.state_dict())
+    fresh = AssemblyNet(node_feature_dim=2, enc_scalars=8, enc_vectors=2, enc_layers=1, hidden_scalars=8,
+                        hidden_vectors=2, hidden_l2=2, mol_layers=1)
+    fresh.load_state_dict(ema.state_dict()["model"])
