@@ -285,8 +285,9 @@ class EMA:
                 e.copy_(p)
         if ema_f:
             torch._foreach_lerp_(ema_f, src_f, 1.0 - d)
-        for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
-            e.copy_(b)
+        ema_buffers = dict(self.module.named_buffers())
+        for name, b in model.named_buffers():  # by name: the copy may hold extra (non-persistent) buffers
+            ema_buffers[name].copy_(b)
         self.num_updates += 1
 
     def state_dict(self) -> dict:

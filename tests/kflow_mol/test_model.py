@@ -216,6 +216,7 @@ def test_ema_copy_keeps_state_dict_keys():
     ema = EMA(model, 0.9)
     assert set(ema.state_dict()["model"]) == set(model.state_dict())
     ema.module.load_state_dict(model.state_dict())
+    ema.update(model)
     fresh = AssemblyNet(node_feature_dim=2, enc_scalars=8, enc_vectors=2, enc_layers=1, hidden_scalars=8,
                         hidden_vectors=2, hidden_l2=2, mol_layers=1)
     fresh.load_state_dict(ema.state_dict()["model"])
