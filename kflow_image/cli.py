@@ -348,7 +348,9 @@ def cmd_sample(args, extra) -> int:
         import yaml
         from omegaconf import OmegaConf
         base = OmegaConf.create(run["cfg"])
-        for e in _rewrite_overrides(extra):
+        for e in extra:
+            if "=" not in e:
+                raise SystemExit(f"error: unrecognised argument {e!r}; overrides look like solver.steps=20")
             key, _, val = e.partition("=")
             OmegaConf.update(base, key, yaml.safe_load(val), merge=True)
         run["cfg"] = OmegaConf.to_container(base, resolve=True)
