@@ -24,6 +24,9 @@ def render_clusters(panels: dict[str, np.ndarray], species: np.ndarray, png: str
     fig = plt.figure(figsize=(4.2 * len(panels), 4.4))
     cmap = plt.get_cmap("tab20")
     size = np.where(species == 1, 4, 14)
+    # one scale for every panel, so a loose cluster looks as spread out as it is
+    r = max(np.abs(np.asarray(v, dtype=float) - np.asarray(v, dtype=float).reshape(-1, 3).mean(0)).max()
+            for v in panels.values())
     for p, (name, pos) in enumerate(panels.items()):
         pos = np.asarray(pos, dtype=float)
         ax = fig.add_subplot(1, len(panels), p + 1, projection="3d")
@@ -36,9 +39,9 @@ def render_clusters(panels: dict[str, np.ndarray], species: np.ndarray, png: str
             ax.scatter(x[m, :, 0], x[m, :, 1], x[m, :, 2], s=size, color=col, depthshade=False)
             for a, b in bonds[:4 * n]:
                 ax.plot(*zip(x[m, a], x[m, b]), color=col, lw=0.6)
-        r = np.abs(x).max()
         for setter in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
             setter(-r, r)
+        ax.set_box_aspect(None, zoom=1.5)
         ax.set_title(name)
         ax.set_axis_off()
     if title:
