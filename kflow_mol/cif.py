@@ -44,6 +44,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 
 from .data import N_MOLECULES, BuildError, ClusterRecord
+from .frames import frame_from_vectors
+from .so3 import kabsch_np
 
 #: Elements accepted in a molecule (organic set). Metals and noble gases, As, Te, etc. are rejected.
 ORGANIC_ELEMENTS = frozenset({"H", "B", "C", "N", "O", "F", "Si", "P", "S", "Cl", "Se", "Br", "I"})
@@ -234,24 +236,6 @@ def _molecules(path, structure, numbers: np.ndarray, bond_tolerance: float):
     return labels, shifts
 
 
-def _kabsch(X: np.ndarray, Y: np.ndarray, proper: bool = True):
-    """Best rotation ``R`` with ``Y_c ~ X_c @ R.T`` for centred ``(n,3)`` arrays; returns ``(R, rmsd)``."""
-    H = X.T @ Y
-    U, _, Vt = np.linalg.svd(H)
-    d = np.sign(np.linalg.det(Vt.T @ U.T)) if proper else 1.0
-    D = np.diag([1.0, 1.0, d if d != 0 else 1.0])
-    R = Vt.T @ D @ U.T
-    rmsd = float(np.sqrt(np.mean(np.sum((X @ R.T - Y) ** 2, axis=1))))
-    return R, rmsd
-
-
-def _frame(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    e1 = u / np.linalg.norm(u)
-    w = v - (v @ e1) * e1
-    e2 = w / np.linalg.norm(w)
-    return np.stack([e1, e2, np.cross(e1, e2)], axis=1)  # columns
-
-
 def _anchors(X: np.ndarray, species: np.ndarray, dtol: float) -> tuple[int, int]:
     """Two template atoms with rare (element, |x|) signatures and well separated directions."""
     r = np.linalg.norm(X, axis=1)
@@ -306,13 +290,13 @@ def match_rigid(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
     dab = np.linalg.norm(Xc[a] - Xc[b])
     pair_d = np.linalg.norm(Yc[ca][:, None] - Yc[cb][None, :], axis=-1)
     ia, ib = np.nonzero((np.abs(pair_d - dab) < 2 * dtol) & (ca[:, None] != cb[None, :]))
-    Fx = _frame(Xc[a], Xc[b])
+    Fx = frame_from_vectors(Xc[a], Xc[b])
     best = None
     # each anchor pair gives one candidate proper rotation; candidates ~ the molecule's point-group order
     for i, j in zip(ca[ia].tolist(), cb[ib].tolist()):
-        R0 = _frame(Yc[i], Yc[j]) @ Fx.T
+        R0 = frame_from_vectors(Yc[i], Yc[j]) @ Fx.T
         perm = _assign(Xc @ R0.T, Yc, species, species_y)
-        R, rmsd = _kabsch(Xc, Yc[perm])
+        R, rmsd = kabsch_np(Xc, Yc[perm])
         if best is None or rmsd < best[2] - 1e-9:
             best = (perm, R, rmsd)
             if rmsd < 1e-6:  # exact symmetry image: no better candidate exists

@@ -137,3 +137,13 @@ def rigid_transform(template_body: torch.Tensor, R: torch.Tensor, c: torch.Tenso
         ``(..., n, 3)`` lab positions ``template @ R^T + c``.
     """
     return template_body @ R.transpose(-1, -2) + c.unsqueeze(-2)
+
+
+def frame_from_vectors(u, v):
+    """Right-handed orthonormal frame (columns, numpy ``(3, 3)``) from two non-collinear vectors."""
+    import numpy as np
+
+    e1 = u / np.linalg.norm(u)
+    w = v - (v @ e1) * e1
+    e2 = w / np.linalg.norm(w)
+    return np.stack([e1, e2, np.cross(e1, e2)], axis=1)

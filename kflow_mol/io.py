@@ -17,13 +17,14 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from kflow.utils import atomic_write_text
+
 from .data import N_MOLECULES, BuildError, ClusterRecord, numbers_to_symbols, symbols_to_numbers
+from .so3 import kabsch_np
 
 HEADER = "mol_idx,atom_type,x,y,z"
 FINAL_DIR, INITIAL_DIR = "FinalPositions", "InitialPositions"
@@ -139,15 +140,6 @@ def read_csv(path, n_molecules: int = N_MOLECULES) -> tuple[np.ndarray, np.ndarr
     return species, pos
 
 
-def _rigid_rmsd(a: np.ndarray, b: np.ndarray) -> float:
-    """RMSD of the best *proper* rigid fit of ``a`` onto ``b`` (both ``(n, 3)``)."""
-    A, B = a - a.mean(0), b - b.mean(0)
-    U, _, Vt = np.linalg.svd(A.T @ B)
-    d = np.sign(np.linalg.det(Vt.T @ U.T)) or 1.0
-    R = Vt.T @ np.diag([1.0, 1.0, d]) @ U.T
-    return float(np.sqrt(np.mean(np.sum((A @ R.T - B) ** 2, axis=1))))
-
-
 def read_raw_pair(root, cluster_id: str, require_initial: bool = False,
                   rigid_tol: float = RIGID_TOL) -> ClusterRecord:
     """Read one cluster in the official layout.
@@ -177,7 +169,7 @@ def read_raw_pair(root, cluster_id: str, require_initial: bool = False,
             raise BuildError(ipath, "bad_csv", f"atoms differ from {fpath.name} (same element order required)")
         rg = np.sqrt(np.mean(np.sum((final - final.mean(1, keepdims=True)) ** 2, -1), -1))  # (17,)
         for m in range(final.shape[0]):
-            r = _rigid_rmsd(initial[m], final[m])
+            r = kabsch_np(initial[m], final[m])[1]
             if r > rigid_tol * max(1.0, rg[m]):
                 raise BuildError(ipath, "bad_csv", f"molecule {m} is not a proper rigid motion of its final "
                                  f"position in {fpath.name} (Kabsch RMSD {r:.3g} A)")
@@ -188,19 +180,6 @@ def read_raw_pair(root, cluster_id: str, require_initial: bool = False,
                          meta={"source": str(fpath)})
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_raw_pair(root, record: ClusterRecord) -> tuple[Path, Path | None]:
     """Write a cluster in the official layout under ``root/raw`` (atomic per file).
 
@@ -209,10 +188,10 @@ def write_raw_pair(root, record: ClusterRecord) -> tuple[Path, Path | None]:
     """
     record.validate()
     fpath, ipath = raw_paths(root, record.id)
-    _atomic_write(fpath, format_csv(record.species, record.final))
+    atomic_write_text(fpath, format_csv(record.species, record.final))
     if record.initial is None:
         return fpath, None
-    _atomic_write(ipath, format_csv(record.species, record.initial))
+    atomic_write_text(ipath, format_csv(record.species, record.initial))
     return fpath, ipath
 
 
@@ -297,7 +276,7 @@ def read_cluster_xyz(path, n_molecules: int = N_MOLECULES, tol: float = 0.05):
     if N % n_molecules == 0:
         n = N // n_molecules
         Zb, Xb = Z.reshape(n_molecules, n), X.reshape(n_molecules, n, 3)
-        if np.all(Zb == Zb[0]) and all(_rigid_rmsd(Xb[0], Xb[m]) < tol for m in range(n_molecules)):
+        if np.all(Zb == Zb[0]) and all(kabsch_np(Xb[0], Xb[m])[1] < tol for m in range(n_molecules)):
             return Zb[0].astype(np.int64), Xb.copy()
     from ase.data import covalent_radii
     from scipy.sparse import coo_matrix

@@ -5,6 +5,7 @@ through unit quaternions (``roma``), which keeps them stable both near the ident
 """
 from __future__ import annotations
 
+import numpy as np
 import roma
 import torch
 
@@ -131,3 +132,20 @@ def geodesic_distance(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
     """
     # |R2 - R1|_F = 2 sqrt(2) sin(alpha / 2): accurate near 0, unlike acos((tr - 1) / 2).
     return roma.rotmat_geodesic_distance(R1, R2)
+
+
+def kabsch_np(P: np.ndarray, Q: np.ndarray, proper: bool = True) -> tuple[np.ndarray, float]:
+    """Numpy Kabsch for one small molecule (no torch call overhead in per-molecule loops).
+
+    Args:
+        P, Q: ``(n, 3)`` corresponding points; both are centred here.
+        proper: fix the SVD sign so ``R`` is a rotation (``False`` allows a reflection).
+
+    Returns:
+        ``(R, rmsd)`` with ``R @ (P_a - cP) ~= Q_a - cQ`` and the RMSD of that fit.
+    """
+    Pc, Qc = P - P.mean(0), Q - Q.mean(0)
+    U, _, Vt = np.linalg.svd(Qc.T @ Pc)
+    d = (np.sign(np.linalg.det(U @ Vt)) or 1.0) if proper else 1.0
+    R = (U * np.array([1.0, 1.0, d])) @ Vt
+    return R, float(np.sqrt(np.mean(np.sum((Pc @ R.T - Qc) ** 2, axis=1))))

@@ -27,6 +27,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from kflow_mol import so3
+from kflow_mol.frames import frame_from_vectors
+from kflow_mol.so3 import kabsch_np
 
 __all__ = ["automorphisms", "bond_graph", "closest_equivalent", "graph_automorphism_count", "point_group_order"]
 
@@ -58,14 +60,6 @@ def bond_graph(species: np.ndarray, pos: np.ndarray, scale: float = 1.15) -> np.
     return adj
 
 
-def _frame(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Right-handed orthonormal frame (columns) from two non-collinear vectors."""
-    e1 = u / np.linalg.norm(u)
-    w = v - (v @ e1) * e1
-    e2 = w / np.linalg.norm(w)
-    return np.stack([e1, e2, np.cross(e1, e2)], axis=1)
-
-
 def _match(species: np.ndarray, moved: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Permutation p with moved[a] ~ x[p[a]], matching only atoms of the same species (Hungarian)."""
     perm = np.empty(len(species), dtype=np.int64)
@@ -75,13 +69,6 @@ def _match(species: np.ndarray, moved: np.ndarray, x: np.ndarray) -> np.ndarray:
         rows, cols = linear_sum_assignment(cost)
         perm[idx[rows]] = idx[cols]
     return perm
-
-
-def _kabsch_np(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """Proper rotation R with R P_a ~ Q_a for centred (n, 3) arrays (numpy SVD: tiny inputs, no torch overhead)."""
-    U, _, Vt = np.linalg.svd(Q.T @ P)
-    d = np.sign(np.linalg.det(U @ Vt)) or 1.0
-    return (U * np.array([1.0, 1.0, d])) @ Vt
 
 
 def automorphisms(
@@ -130,7 +117,7 @@ def automorphisms(
         key = tuple(perm.tolist())
         if key in accepted or len(set(key)) != n:
             return
-        R = _kabsch_np(x, x[perm])
+        R = kabsch_np(x, x[perm])[0]
         rmsd = np.sqrt(np.mean(np.sum((x @ R.T - x[perm]) ** 2, axis=1)))
         if rmsd >= tol:
             return
@@ -150,14 +137,14 @@ def automorphisms(
             order = np.lexsort((-sin[sin > 0.2], sizes[sin > 0.2]))
             b = ok[order[0]]
             dab = np.linalg.norm(x[a] - x[b])
-            F = _frame(x[a], x[b])
+            F = frame_from_vectors(x[a], x[b])
             for a2 in members(a):
                 for b2 in members(b):
                     if a2 == b2 or abs(np.linalg.norm(x[a2] - x[b2]) - dab) > 2 * class_tol:
                         continue
                     if np.linalg.norm(np.cross(x[a2], x[b2])) < 1e-8:
                         continue
-                    consider(_frame(x[a2], x[b2]) @ F.T)
+                    consider(frame_from_vectors(x[a2], x[b2]) @ F.T)
         else:
             # Linear molecule: the proper group is infinite (C_inf); keep a C2 perpendicular to the axis
             # when it exists (D_inf), which is all a relabelling can express.
@@ -175,7 +162,7 @@ def automorphisms(
 
 def _rmsd_of(x: np.ndarray, perm: tuple[int, ...]) -> tuple[float, np.ndarray]:
     p = np.asarray(perm)
-    R = _kabsch_np(x, x[p])
+    R = kabsch_np(x, x[p])[0]
     return float(np.sqrt(np.mean(np.sum((x @ R.T - x[p]) ** 2, axis=1)))), R
 
 
