@@ -65,3 +65,19 @@ class KPath:
         mu0, _ = self.weights(k, x_0)
         mu1, _ = self.weights(k_next, x_0)
         return self.transform.mix(x1_hat - x_0, mu1 - mu0)
+
+    def estimate_source(self, x_k: Tensor, x1_hat: Tensor, k: Tensor, x_0: Tensor, eps: float = 1e-4) -> Tensor:
+        """The source consistent with the state and a predicted endpoint: ``T x0 = (T x_k - mu T x1_hat)/(1-mu)``.
+
+        On coefficients already (almost) fully revealed (``1 - mu <= eps``) the given ``x_0`` is kept: they no
+        longer move, so its value is irrelevant there. Used by :func:`kflow.solver.solve` with
+        ``source="estimate"`` (the deterministic DDIM step along ``k``).
+        """
+        mu, _ = self.weights(k, x_k)
+        t = self.transform
+        c0, ck, c1 = t(x_0), t(x_k), t(x1_hat)
+        one_minus = (1 - mu).expand_as(c0)
+        safe = one_minus > eps
+        est = (ck - mu * c1) / torch.where(safe, one_minus, torch.ones_like(one_minus))
+        return t.inverse(torch.where(safe, est, c0))
+

@@ -12,7 +12,7 @@ velocity ``dx_k``. The transform decides the order in which latent coefficients 
 
 Sampling (:meth:`ImageFlowTask.sample`) integrates along ``k`` with :func:`kflow.solver.solve`, or with the
 exact-increment rule using a *re-estimated* source (``x0_mode="estimate"``, the default; see
-:meth:`ImageFlowTask.estimate_x0` for why the given ``x_0`` is not used as is).
+:meth:`kflow.path.KPath.estimate_source` for why the given ``x_0`` is not used as is).
 """
 from __future__ import annotations
 
@@ -261,32 +261,6 @@ class ImageFlowTask(nn.Module):
         return make_grid(steps, kind, schedule=self.schedule, bands=self.transform.distinct_kappa(),
                          coarse_weight=coarse_weight)
 
-    def estimate_x0(self, x_k: Tensor, x1_hat: Tensor, k: Tensor, x_0: Tensor, eps: float = 1e-4) -> Tensor:
-        """The source consistent with the current state and the predicted endpoint.
-
-        ``T x0_hat = (T x_k - mu * T x1_hat) / (1 - mu)`` on coefficients not yet fully revealed
-        (``1 - mu > eps``); elsewhere the given ``x_0`` (its value is irrelevant there: those coefficients no
-        longer move). Why: keeping the initial ``x_0`` fixed makes the sample the *average* of the endpoint
-        predictions along ``k`` (e.g. ``x_1 = int x1_hat(k) dk`` for rectified flow), which is blurry even
-        for the Bayes-optimal predictor; re-estimating ``x_0`` at each step is the deterministic DDIM
-        update, and still lands exactly on ``x_1`` for the oracle predictor.
-
-        Args:
-            x_k: ``(B, C, H, W)`` current state.
-            x1_hat: ``(B, C, H, W)`` predicted endpoint.
-            k: ``(B,)`` scale.
-            x_0: ``(B, C, H, W)`` the sampler's starting noise.
-            eps: threshold on ``1 - mu``.
-        """
-        mu, _ = self.path.weights(k, x_k)
-        t = self.transform
-        c0 = t(x_0)
-        one_minus = (1 - mu).expand_as(c0)
-        safe = one_minus > eps
-        ck, c1 = t(x_k), t(x1_hat)
-        est = (ck - mu * c1) / torch.where(safe, one_minus, torch.ones_like(one_minus))
-        return t.inverse(torch.where(safe, est, c0))
-
     def model_fn(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0,
                  class_drop_at: float | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """Closure ``fn(x_k, k)`` for the solver: conditional, guided, and with the class drop.
@@ -333,7 +307,7 @@ class ImageFlowTask(nn.Module):
             class_drop_at: drop the label for ``k >= class_drop_at``.
             x_0: ``(n, C, H, W)`` starting noise (e.g. from :func:`kflow_image.sampling.split_noise`).
             method: ``exact``, ``euler`` or ``heun``.
-            x0_mode: ``estimate`` (re-estimate the source at each step, see :meth:`estimate_x0`) or
+            x0_mode: ``estimate`` (re-estimate the source at each step, see :func:`kflow.solver.solve`) or
                 ``fixed`` (use the starting noise throughout, as :func:`kflow.solver.solve` does).
             generator: RNG for ``x_0``.
             hook: ``hook(step, k_next, x) -> x | None`` after each step (e.g. restoration).
@@ -378,32 +352,8 @@ class ImageFlowTask(nn.Module):
                 method = "euler"  # the exact increment needs an endpoint
             return solve(self.path, x_0, fn, grid, method=method, prediction="velocity", hook=hook,
                          return_trajectory=return_trajectory)
-        if x0_mode == "fixed":
-            return solve(self.path, x_0, fn, grid, method=method, prediction="endpoint", hook=hook,
-                         return_trajectory=return_trajectory)
-        if method in ("euler", "heun"):
-            def vel(x: Tensor, k: Tensor) -> Tensor:
-                x1_hat = fn(x, k)
-                return self.path.velocity(self.estimate_x0(x, x1_hat, k, x_0), x1_hat, k)
-            return solve(self.path, x_0, vel, grid, method=method, prediction="velocity", hook=hook,
-                         return_trajectory=return_trajectory)
-        if method != "exact":
-            raise ValueError(f"unknown method {method!r}; choose exact, euler or heun")
-        # exact increments from the re-estimated source (deterministic DDIM along k)
-        grid = torch.as_tensor(grid, dtype=x_0.dtype, device=x_0.device)
-        b = x_0.shape[0]
-        x, traj = x_0, [x_0] if return_trajectory else None
-        for i in range(len(grid) - 1):
-            k, k_next = grid[i].expand(b), grid[i + 1].expand(b)
-            x1_hat = fn(x, k).to(x.dtype)
-            x0_hat = self.estimate_x0(x, x1_hat, k, x_0)
-            x = x + self.path.increment(x0_hat, x1_hat, k, k_next)
-            if hook is not None:
-                out = hook(i, k_next, x)
-                x = x if out is None else out
-            if traj is not None:
-                traj.append(x)
-        return Solution(x, torch.stack(traj) if traj is not None else None, grid, len(grid) - 1)
+        return solve(self.path, x_0, fn, grid, method=method, prediction="endpoint", hook=hook,
+                     return_trajectory=return_trajectory, source=x0_mode)
 
 
 def make_task(transform: str, event_shape: Sequence[int], schedule: BandSchedule, *, wave: str = "haar",

@@ -162,8 +162,10 @@ class AssemblyTask:
         s0 = self.path.start(batch.c0)
         cache = model.encode_templates(batch.clusters) if hasattr(model, "encode_templates") else None
         k_grid = make_grid(steps, grid, self.path.schedule, transform.distinct_kappa() if grid == "band" else None)
+        # the loose state is the given input (the path and its graph are built from it), not a noise draw
+        # the network must average over: keep it fixed
         sol = solve(core, s0, lambda s, k: self.predict(model, transform, s, k, batch, cache),
-                    k_grid.to(s0.dtype), method=method, return_trajectory=return_trajectory)
+                    k_grid.to(s0.dtype), method=method, return_trajectory=return_trajectory, source="fixed")
         c, R = self.path.rigid(sol.x_1, batch.R0)
         out = {"c": c, "R": R, "positions": batch.clusters.positions_padded(c, R),
                "seconds": time.perf_counter() - t0, "evaluations": sol.evaluations}

@@ -129,3 +129,20 @@ def test_solver_hook_and_trajectory():
     assert seen == [0, 1, 2, 3] and sol.trajectory.shape == (5, *x0.shape) and sol.evaluations == 4
     with pytest.raises(ValueError):
         solve(KPath(t, BandSchedule(1.0)), x0, lambda x, k: x1, make_grid(4), method="exact", prediction="velocity")
+
+
+@pytest.mark.parametrize("name", ["identity", "fourier", "wavelet"])
+def test_estimated_source_oracle_exact_and_sharp_for_posterior_mean(name):
+    t, x0, x1 = make(name)
+    path = KPath(t, BandSchedule(0.5 if name != "identity" else 1.0, "smoothstep"))
+    for grid in (make_grid(1), make_grid(9)):
+        out = solve(path, x0, lambda x, k: x1, grid, method="exact", source="estimate").x_1
+        assert torch.allclose(out, x1, atol=1e-10)
+    # data +-1 per entry, rectified flow: the posterior mean E[x_1 | x_k] = tanh(k x / (1-k)^2).
+    # Re-estimating the source reaches +-1; keeping the drawn x_0 averages the predictions along k.
+    rf = KPath(IdentityTransform(3), BandSchedule(1.0))
+    post = lambda x, k: torch.tanh(k.reshape(-1, 1, 1, 1) * x / (1 - k.reshape(-1, 1, 1, 1)) ** 2)  # noqa: E731
+    g = make_grid(200)[:-1]  # stop just before k = 1 where the posterior is a sign function
+    sharp = solve(rf, X0, post, g, source="estimate").x_1.abs()
+    blurry = solve(rf, X0, post, g, source="fixed").x_1.abs()
+    assert sharp.mean() > 0.95 and blurry.mean() < 0.8
