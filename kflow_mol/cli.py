@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from kflow.cli import compose, configs_dir, instantiate, to_container
 from kflow.utils import atomic_save, atomic_write_text, load_checkpoint
@@ -222,7 +221,6 @@ def _single(species, pos, name):
 
 def cmd_assemble(args, extra) -> int:
     from .dataset import prepare
-    from .evaluate import evaluate, pm_histogram, public  # noqa: F401
     from .io import write_cluster_cif, write_xyz
     from .metrics import evaluate_cluster, oracle_floors
     from .noise import make_loose

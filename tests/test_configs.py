@@ -1,10 +1,8 @@
 """Every hydra config composes and instantiates (the library itself never imports hydra)."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from kflow.cli import compose, configs_dir, instantiate
