@@ -96,7 +96,7 @@ def _fingerprint(files: list[Path], settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def load_records(source: DataSource, workers: int = 2, progress: bool = True) -> tuple[list[ClusterRecord], list[dict]]:
+def load_records(source: DataSource, progress: bool = True) -> tuple[list[ClusterRecord], list[dict]]:
     """Read every cluster of a source; returns ``(records, rejected)`` (rejections with their reasons)."""
     from .io import list_raw_ids, read_raw_pair
 
@@ -148,7 +148,7 @@ def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0) -> dict:
 
 
 def load_prepared(data: str, data_root=None, noise_cfg=None, seed: int = 0, cache_dir=None,
-                  progress: bool = True, workers: int = 2) -> tuple[list[dict], dict]:
+                  progress: bool = True) -> tuple[list[dict], dict]:
     """Prepared clusters of a dataset (cached) and a report ``{"source", "accepted", "rejected"}``."""
     source = resolve(data, data_root)
     files = sorted(source.path.glob("*.cif")) if source.kind == "cif" else \
@@ -159,7 +159,7 @@ def load_prepared(data: str, data_root=None, noise_cfg=None, seed: int = 0, cach
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
         return [_from_tensors(c) for c in blob["clusters"]], json.loads(blob["report"])
-    records, rejected = load_records(source, workers=workers, progress=progress)
+    records, rejected = load_records(source, progress=progress)
     clusters = []
     for r in records:
         try:

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from .metrics import evaluate_cluster, oracle_floors, summarize
@@ -92,4 +91,4 @@ def public(result: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, default=float))
 
 
-__all__ = ["evaluate", "predict_clusters", "pm_histogram", "public", "torch"]
+__all__ = ["evaluate", "predict_clusters", "pm_histogram", "public"]
