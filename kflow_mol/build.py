@@ -50,6 +50,8 @@ class _Timeout(Exception):
 
 
 def _alarm(signum, frame):
+    # remember it: a parser's broad `except` may swallow the exception and report a parse error instead
+    _CTX["timed_out"] = True
     raise _Timeout()
 
 
@@ -73,6 +75,7 @@ def _process(path: str) -> dict:
     # SIGALRM works in the main thread of a process: pool workers, or the caller when workers <= 1
     use_alarm = bool(timeout) and hasattr(signal, "setitimer") and _in_main_thread()
     old = None
+    _CTX["timed_out"] = False
     try:
         if use_alarm:
             old = signal.signal(signal.SIGALRM, _alarm)
@@ -88,12 +91,18 @@ def _process(path: str) -> dict:
                    fit_rmsd_max=rec.meta["fit_rmsd_max"], shell_gap=rec.meta["shell_gap"],
                    n_mirror_copies=rec.meta["n_mirror_copies"], formula=rec.meta["formula"])
     except BuildError as e:
-        row.update(reason=e.reason, message=str(e))
+        if _CTX.get("timed_out"):
+            row.update(reason="timeout", message=f"{path}: rejected (timeout): took longer than {timeout} s")
+        else:
+            row.update(reason=e.reason, message=str(e))
     except _Timeout:
         row.update(reason="timeout", message=f"{path}: rejected (timeout): took longer than {timeout} s")
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
-        row.update(reason="error", message=f"{path}: rejected (error): {type(e).__name__}: {e}",
-                   traceback=traceback.format_exc(limit=3))
+        if _CTX.get("timed_out"):
+            row.update(reason="timeout", message=f"{path}: rejected (timeout): took longer than {timeout} s")
+        else:
+            row.update(reason="error", message=f"{path}: rejected (error): {type(e).__name__}: {e}",
+                       traceback=traceback.format_exc(limit=3))
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
