@@ -10,12 +10,14 @@ from typing import Any
 
 
 def configs_dir() -> Path:
-    """The ``configs/`` folder: ``$KFLOW_CONFIGS``, else the repository's (editable install / checkout)."""
-    cands = [Path(os.environ["KFLOW_CONFIGS"])] if os.environ.get("KFLOW_CONFIGS") else []
-    cands.append(Path(__file__).resolve().parents[1] / "configs")
-    for c in cands:
-        if c.is_dir():
-            return c
+    """The ``configs/`` folder: ``$KFLOW_CONFIGS``, else the checkout's, else the wheel's ``share/kflow``."""
+    from kflow.utils import resource_dir
+
+    if os.environ.get("KFLOW_CONFIGS"):
+        return Path(os.environ["KFLOW_CONFIGS"])
+    found = resource_dir("configs")
+    if found is not None:
+        return found
     raise FileNotFoundError(
         "cannot find the hydra configs: install from a checkout (`pip install -e .`) or set KFLOW_CONFIGS "
         "to the repository's configs/ folder")

@@ -434,3 +434,15 @@ def plot_curves(jsonl_path: str | os.PathLike, png_path: str | os.PathLike,
     height = 3.0 * panels
     fig.subplots_adjust(left=0.13, right=0.86, top=1 - 0.15 / height, bottom=0.5 / height, hspace=0.35)
     return atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
+
+
+def resource_dir(name: str) -> Path | None:
+    """A folder shipped beside the packages (``configs``, ``datasets``): the checkout's (editable install),
+    else the copy a wheel installs under ``<prefix>/share/kflow/``; ``None`` if neither exists."""
+    import sys
+
+    for cand in (Path(__file__).resolve().parents[1] / name, Path(sys.prefix) / "share" / "kflow" / name):
+        if cand.is_dir():
+            return cand
+    return None
+

@@ -51,12 +51,14 @@ def default_cache_dir() -> Path:
 def datasets_dir() -> Path:
     """The directory that holds the shipped data sets.
 
-    ``$KFLOW_DATA`` if set, else the repository's ``datasets/`` next to the package (editable install).
+    ``$KFLOW_DATA`` if set, else the checkout's ``datasets/`` (editable install), else the wheel's copy.
     """
+    from kflow.utils import resource_dir
+
     env = os.environ.get("KFLOW_DATA")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1] / "datasets"
+    return resource_dir("datasets") or Path(__file__).resolve().parents[1] / "datasets"
 
 
 def pil_to_tensor(img: Image.Image, channels: int = 3) -> torch.Tensor:

@@ -21,8 +21,6 @@ from kflow.utils import atomic_save
 
 from .data import BuildError, ClusterRecord
 
-REPO_DATASETS = Path(__file__).resolve().parents[1] / "datasets"
-PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 OFFICIAL = {"cod17-5k": "5k", "cod17-10k": "10k", "cod17-all": "all"}
 CACHE_VERSION = 1
 
@@ -33,10 +31,13 @@ def default_cache_dir() -> Path:
 
 def mini_dir() -> Path:
     """The shipped ``cod17-mini`` CIFs (in the repo's ``datasets/``, or inside an installed package)."""
-    for cand in (REPO_DATASETS / "cod17-mini", PACKAGE_DATA / "cod17-mini"):
-        if (cand / "cifs").is_dir():
-            return cand
-    raise FileNotFoundError("cod17-mini is missing: expected datasets/cod17-mini/cifs in the repository")
+    from kflow.utils import resource_dir
+
+    root = resource_dir("datasets")
+    if root is not None and (root / "cod17-mini" / "cifs").is_dir():
+        return root / "cod17-mini"
+    raise FileNotFoundError("cod17-mini is missing: expected datasets/cod17-mini/cifs in the checkout "
+                            "or <prefix>/share/kflow/datasets (reinstall the package)")
 
 
 def official_help(name: str, root: Path | None) -> str:
