@@ -45,7 +45,8 @@ from kflow.utils import atomic_write_text
 from kflow_image.codecs import make_codec
 from kflow_image.data import TarImageDataset, default_cache_dir, encode_latents
 from kflow_image.dit import DiT
-from kflow_image.metrics import InceptionFeatures, class_drop_ratio, fid_from_features, kid, precision_recall
+from kflow_image.metrics import (InceptionFeatures, class_drop_ratio, fid_exact, fid_from_features, kid,
+                                 precision_recall)
 from kflow_image.sampling import save_grid
 from kflow_image.task import make_task
 
@@ -93,21 +94,6 @@ def generate(task, model, codec, labels, seed, steps, batch, class_drop_at=None,
         lat.append(z)
         img.append(codec.decode(z))
     return torch.cat(img), torch.cat(lat)
-
-
-def fid_exact(f1: np.ndarray, f2: np.ndarray) -> float:
-    """FID computed without a matrix square root, exact at any sample size.
-
-    With ``Sigma_i = A_i A_i^T`` (``A_i`` = centred features / sqrt(n_i - 1), shape ``(D, n_i)``) the non-zero
-    eigenvalues of ``Sigma_1 Sigma_2`` are the squared singular values of ``A_1^T A_2``, so
-    ``tr sqrt(Sigma_1 Sigma_2)`` is the nuclear norm of that small ``n_1 x n_2`` matrix. ``scipy.linalg.sqrtm``
-    of the rank-deficient ``D x D`` product (per-class FID on a few dozen images) is numerically unusable.
-    """
-    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-    a1 = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
-    a2 = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
-    nuc = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
-    return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + (a1 ** 2).sum() + (a2 ** 2).sum() - 2 * nuc)
 
 
 def class_fid(f_real, y_real, f_gen, y_gen) -> dict[int, float]:

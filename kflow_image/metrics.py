@@ -373,3 +373,18 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     """Per-image PSNR in dB between image batches (B, ...) in [0, data_range]; returns (B,)."""
     mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1)
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))
+
+
+def fid_exact(f1: np.ndarray, f2: np.ndarray) -> float:
+    """FID computed without a matrix square root, exact at any sample size.
+
+    With ``Sigma_i = A_i A_i^T`` (``A_i`` = centred features / sqrt(n_i - 1), shape ``(D, n_i)``) the non-zero
+    eigenvalues of ``Sigma_1 Sigma_2`` are the squared singular values of ``A_1^T A_2``, so
+    ``tr sqrt(Sigma_1 Sigma_2)`` is the nuclear norm of that small ``n_1 x n_2`` matrix. ``scipy.linalg.sqrtm``
+    of the rank-deficient ``D x D`` product (per-class FID on a few dozen images) is numerically unusable.
+    """
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    a1 = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
+    a2 = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
+    nuc = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + (a1 ** 2).sum() + (a2 ** 2).sum() - 2 * nuc)

@@ -198,3 +198,19 @@ def test_inception_grayscale_and_resize(inception):
     np.testing.assert_allclose(
         inception.features(g, batch_size=1), inception.features(g.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5
     )
+
+
+def test_fid_exact_matches_sqrtm_and_works_rank_deficient():
+    import numpy as np
+
+    from kflow_image.metrics import fid_exact, fid_from_features
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 6))
+    b = rng.standard_normal((300, 6)) * 1.5 + 0.3
+    assert abs(fid_exact(a, b) - fid_from_features(a, b)) < 1e-8
+    assert abs(fid_exact(a, a)) < 1e-9
+    # 12 samples in 50 dimensions: rank-deficient covariances, still finite and symmetric
+    c, d = rng.standard_normal((12, 50)), rng.standard_normal((12, 50)) + 1.0
+    v = fid_exact(c, d)
+    assert np.isfinite(v) and v > 0 and abs(v - fid_exact(d, c)) < 1e-8
