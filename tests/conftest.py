@@ -29,6 +29,17 @@ def shared_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine; restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def repo_dir() -> Path:
     return REPO

@@ -49,13 +49,7 @@ def _load_worker():
 W = _load_worker()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train much faster single-threaded, especially on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path: Path, name: str, **kw) -> TrainConfig:

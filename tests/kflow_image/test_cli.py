@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from kflow_image.cli import build_parser, main
@@ -14,12 +13,8 @@ TINY = ["trainer=smoke", "data.limit=32", "model.depth=1", "model.hidden_size=32
 
 
 @pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
+def _env(tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("KFLOW_CACHE", str(tmp_path / "cache"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ from kflow_image.task import ImageFlowTask, band_mask, build_transform
 SHAPE = (2, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(channels=2, size=8, classes=4):

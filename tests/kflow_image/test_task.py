@@ -12,13 +12,7 @@ from kflow_image.task import ImageFlowTask, build_transform, fit_energy_warp, un
 SHAPE = (2, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _templates(n: int = 64, seed: int = 0):
