@@ -76,6 +76,7 @@ def _process(path: str) -> dict:
     use_alarm = bool(timeout) and hasattr(signal, "setitimer") and _in_main_thread()
     old = None
     _CTX["timed_out"] = False
+    timed_out = {"reason": "timeout", "message": f"{path}: rejected (timeout): took longer than {timeout} s"}
     try:
         if use_alarm:
             old = signal.signal(signal.SIGALRM, _alarm)
@@ -92,14 +93,14 @@ def _process(path: str) -> dict:
                    n_mirror_copies=rec.meta["n_mirror_copies"], formula=rec.meta["formula"])
     except BuildError as e:
         if _CTX.get("timed_out"):
-            row.update(reason="timeout", message=f"{path}: rejected (timeout): took longer than {timeout} s")
+            row.update(timed_out)
         else:
             row.update(reason=e.reason, message=str(e))
     except _Timeout:
-        row.update(reason="timeout", message=f"{path}: rejected (timeout): took longer than {timeout} s")
+        row.update(timed_out)
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
         if _CTX.get("timed_out"):
-            row.update(reason="timeout", message=f"{path}: rejected (timeout): took longer than {timeout} s")
+            row.update(timed_out)
         else:
             row.update(reason="error", message=f"{path}: rejected (error): {type(e).__name__}: {e}",
                        traceback=traceback.format_exc(limit=3))
