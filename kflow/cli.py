@@ -1,12 +1,59 @@
-"""Helpers shared by the command-line interfaces: locate the hydra configs and compose them.
+"""Helpers shared by the command-line interfaces: locate the hydra configs, compose them, build objects
+from them through an allowlist, and the exit-code scheme.
 
-This is the CLI layer: the only place (with the two ``cli.py`` modules) that imports hydra.
+This is the CLI layer: the only place (with the two ``cli.py`` modules) that imports hydra. It imports
+nothing heavy at module level, so ``--help`` and argument errors stay fast.
+
+Exit codes of both CLIs: ``0`` success, ``2`` bad input (a missing or rejected file, a bad argument or
+override, an unusable model file or checkpoint, an unavailable device; one ``error: ...`` line on stderr),
+``1`` internal failure (a bug: the traceback is printed for the report).
 """
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+#: the packages whose classes a config's ``_target_`` may name
+OWN_PACKAGES = ("kflow", "kflow_mol", "kflow_image")
+
+
+class InputError(Exception):
+    """Bad user input (file, argument, model file, device): the CLIs print ``error: <message>`` and exit 2."""
+
+
+class UnsafeConfigError(InputError):
+    """A config names a ``_target_`` outside the allowlist (see :func:`allowed_targets`)."""
+
+
+def _bad_input_types(extra: tuple) -> tuple:
+    import sys
+
+    types = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, *extra)
+    utils = sys.modules.get("kflow.utils")  # not imported = no checkpoint was read (and torch stays unloaded)
+    return types + (utils.CheckpointError,) if utils is not None else types
+
+
+def run_command(fn, args: Any, extra: list[str], bad_input: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a CLI command under the exit-code scheme of the module docstring.
+
+    Bad input (:class:`InputError`, missing files, unreadable checkpoints and the ``bad_input`` types the
+    CLI adds) becomes one ``error: ...`` line on stderr and :data:`EXIT_BAD_INPUT`; anything else is a bug
+    and propagates with its traceback (exit 1).
+    """
+    import sys
+
+    try:
+        return fn(args, extra)
+    except Exception as err:
+        if not isinstance(err, _bad_input_types(bad_input)):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def configs_dir() -> Path:
@@ -33,7 +80,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Any:
         with initialize_config_dir(config_dir=str(configs_dir()), version_base=None):
             return hcompose(config_name=config_name, overrides=list(overrides or []))
     except HydraException as err:
-        raise SystemExit(f"error: bad config override in {overrides}: {err}") from None
+        raise InputError(f"bad config override in {overrides}: {err}") from None
 
 
 def to_container(cfg: Any) -> dict:
@@ -42,7 +89,93 @@ def to_container(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+@functools.lru_cache(maxsize=4)
+def _allowed_targets(root: str) -> frozenset[str]:
+    import yaml
+
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            if isinstance(node.get("_target_"), str):
+                found.add(node["_target_"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    for f in sorted(Path(root).rglob("*.yaml")):
+        walk(yaml.safe_load(f.read_text(encoding="utf-8")))
+    return frozenset(t for t in found if t.split(".")[0] in OWN_PACKAGES)
+
+
+def allowed_targets() -> frozenset[str]:
+    """The ``_target_`` classes a config may name: those of this package that the shipped configs use.
+
+    Derived by scanning ``configs/`` (so a new option file extends it, and new constructor arguments need
+    no change here), restricted to :data:`OWN_PACKAGES`. A stored config (inside ``model.pt`` or a
+    checkpoint) is data other people hand out: anything else there, e.g. ``numpy.savetxt``, could write
+    files on the user's disk when hydra calls it.
+    """
+    return _allowed_targets(str(configs_dir()))
+
+
+def check_targets(cfg: Any, source: str = "config") -> None:
+    """Raise :class:`UnsafeConfigError` unless every ``_target_`` in ``cfg`` (at any depth) is allowed.
+
+    Beyond the name, the target must resolve to a class defined in this package (so a re-exported name such
+    as ``kflow.train.Path`` cannot smuggle in a foreign class).
+
+    Args:
+        cfg: a dict/list tree or an OmegaConf container.
+        source: what to name in the message (the file the config came from).
+    """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    allowed = allowed_targets()
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, Mapping):
+            if "_target_" in node:
+                target = node["_target_"]
+                if not (isinstance(target, str) and target in allowed and _own_class(target)):
+                    raise UnsafeConfigError(
+                        f"{source}: refused to build {target!r} (at {where or 'top level'}): only this "
+                        f"package's own classes used by the shipped configs may be named by _target_")
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(cfg, "")
+
+
+@functools.lru_cache(maxsize=None)
+def _own_class(target: str) -> bool:
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(obj, type) and obj.__module__.split(".")[0] in OWN_PACKAGES
+
+
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
+    """Hydra ``instantiate`` restricted to :func:`allowed_targets` (checked over the whole tree first).
+
+    Callers that load a config from a file run :func:`check_targets` with the file name first, so the
+    message names it.
+
+    Raises:
+        UnsafeConfigError: a ``_target_`` outside the allowlist.
+    """
     from hydra.utils import instantiate as hinstantiate
 
+    check_targets(cfg)
     return hinstantiate(cfg, **kwargs)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kflow.cli import compose, configs_dir, instantiate, to_container
+from kflow.cli import InputError, check_targets, compose, configs_dir, instantiate, run_command, to_container
 
 CLASS_GROUPS = ("data", "model", "trainer")
 
@@ -36,7 +36,7 @@ def _rewrite_overrides(extra: list[str]) -> list[str]:
     """Map ``data=X``/``model=X``/``trainer=X`` onto the image groups; reject non-overrides."""
     bad = [e for e in extra if "=" not in e]
     if bad:
-        raise SystemExit(f"error: unrecognised arguments {bad}; hydra overrides look like key=value")
+        raise InputError(f"unrecognised arguments {bad}; hydra overrides look like key=value")
     out = []
     for e in extra:
         key, _, val = e.partition("=")
@@ -55,7 +55,7 @@ def _transform_name(tcfg: dict) -> str:
     names = {"IdentityTransform": "identity", "FourierTransform": "fourier", "WaveletTransform": "wavelet",
              "PCATransform": "pca"}
     if target not in names:
-        raise SystemExit(f"error: transform {target!r} is not an image transform; use one of "
+        raise InputError(f"transform {target!r} is not an image transform; use one of "
                          f"transform=identity|fourier|wavelet|pca")
     return names[target]
 
@@ -84,7 +84,7 @@ def load_image_sets(dcfg: dict) -> dict:
         full = MNISTDataset(dcfg.get("root"), "test", resolution=res, channels=ch)
         hold = int(dcfg.get("holdout") or 0)
         if hold >= len(full):
-            raise SystemExit(f"error: data.holdout={hold} leaves no MNIST training images (have {len(full)})")
+            raise InputError(f"data.holdout={hold} leaves no MNIST training images (have {len(full)})")
         train_set, held_set = Subset(full, range(len(full) - hold)), Subset(full, range(len(full) - hold, len(full)))
         ident = f"{full.identity()}:h{hold}"
     elif name == "tiny-imagenet":
@@ -92,10 +92,10 @@ def load_image_sets(dcfg: dict) -> dict:
         if tar is None:
             shared = _shared_dir()
             if shared is None:
-                raise SystemExit("error: Tiny-ImageNet tar not found: pass data.tar=PATH or set KFLOW_SHARED")
+                raise InputError("Tiny-ImageNet tar not found: pass data.tar=PATH or set KFLOW_SHARED")
             tar = shared / "data" / "images" / "tiny-imagenet-64-10class.tar"
         if not Path(tar).exists():
-            raise SystemExit(f"error: Tiny-ImageNet tar not found: {tar}")
+            raise InputError(f"Tiny-ImageNet tar not found: {tar}")
         train_set = TarImageDataset(tar, "train", resolution=res, channels=ch)
         held_set = TarImageDataset(tar, "val", resolution=res, channels=ch)
         ident = None
@@ -103,12 +103,12 @@ def load_image_sets(dcfg: dict) -> dict:
         full = ImageFolderDataset(dcfg["root"], res, ch)
         hold = int(dcfg.get("holdout") or 0)
         if hold >= len(full):
-            raise SystemExit(f"error: data.holdout={hold} leaves no training images in {dcfg['root']}")
+            raise InputError(f"data.holdout={hold} leaves no training images in {dcfg['root']}")
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(0)).tolist()
         train_set, held_set = Subset(full, perm[hold:]), Subset(full, perm[:hold])
         ident = full.identity() + f":perm0:h{hold}"
     else:
-        raise SystemExit(f"error: unknown data {name!r} (mnist | tiny-imagenet | folder with data.root=PATH)")
+        raise InputError(f"unknown data {name!r} (mnist | tiny-imagenet | folder with data.root=PATH)")
     limit = dcfg.get("limit")
     if limit:
         train_set = Subset(train_set, range(min(int(limit), len(train_set))))
@@ -184,7 +184,8 @@ def load_run(ckpt: str | Path, device: str = "auto") -> dict:
     cfg = blob.get("run_config") or {}
     extra = blob.get("extra") or {}
     if "image" not in extra:
-        raise SystemExit(f"error: {path} is not a kflow-image checkpoint (no image state)")
+        raise InputError(f"{path} is not a kflow-image checkpoint (no image state)")
+    check_targets(cfg, str(path))  # checkpoints are shared: build only this package's own classes
     info = extra["image"]
     codec = _make_codec(cfg["data"])
     codec.load_state_dict(info["codec"])
@@ -214,7 +215,7 @@ def _labels_for(n: int, num_classes: int, classes: list[int] | None, device) -> 
     pool = classes if classes else list(range(num_classes))
     bad = [c for c in pool if not 0 <= c < num_classes]
     if bad:
-        raise SystemExit(f"error: classes {bad} outside 0..{num_classes - 1}")
+        raise InputError(f"classes {bad} outside 0..{num_classes - 1}")
     return torch.tensor([pool[i % len(pool)] for i in range(n)], device=device)
 
 
@@ -310,10 +311,10 @@ def _parse_bands(spec: str) -> tuple[float, float]:
     try:
         parts = [float(v) for v in spec.split(":")]
     except ValueError:
-        raise SystemExit(f"error: --split-bands takes KMIN or KMIN:KMAX (scales in [0, 1]), got {spec!r}") from None
+        raise InputError(f"--split-bands takes KMIN or KMIN:KMAX (scales in [0, 1]), got {spec!r}") from None
     lo, hi = (parts[0], 1.0) if len(parts) == 1 else (parts[0], parts[1])
     if not 0 <= lo <= hi <= 1 or len(parts) > 2:
-        raise SystemExit(f"error: --split-bands needs 0 <= KMIN <= KMAX <= 1, got {spec!r}")
+        raise InputError(f"--split-bands needs 0 <= KMIN <= KMAX <= 1, got {spec!r}")
     return lo, hi
 
 
@@ -332,11 +333,11 @@ def _restore_inputs(run: dict, spec: str, n: int) -> tuple[torch.Tensor, torch.T
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)[:n]
         if not files:
-            raise SystemExit(f"error: no images in {p}")
+            raise InputError(f"no images in {p}")
     elif p.is_file():
         files = [p]
     else:
-        raise SystemExit(f"error: --restore: {p} is neither 'data', an image nor a folder")
+        raise InputError(f"--restore: {p} is neither 'data', an image nor a folder")
     return torch.stack([load_image(f, res, ch) for f in files]), None
 
 
@@ -350,7 +351,7 @@ def cmd_sample(args, extra) -> int:
         base = OmegaConf.create(run["cfg"])
         for e in extra:
             if "=" not in e:
-                raise SystemExit(f"error: unrecognised argument {e!r}; overrides look like solver.steps=20")
+                raise InputError(f"unrecognised argument {e!r}; overrides look like solver.steps=20")
             key, _, val = e.partition("=")
             OmegaConf.update(base, key, yaml.safe_load(val), merge=True)
         run["cfg"] = OmegaConf.to_container(base, resolve=True)
@@ -411,7 +412,7 @@ def cmd_evaluate(args, extra) -> int:
     data = load_image_sets(cfg["data"])
     held, train_set = data["heldout_set"], data["train_set"]
     if len(held) < n or len(train_set) < n:
-        raise SystemExit(f"error: --n {n} needs {n} held-out and {n} training images "
+        raise InputError(f"--n {n} needs {n} held-out and {n} training images "
                          f"(have {len(held)} and {len(train_set)})")
     g = torch.Generator().manual_seed(args.seed)
     idx_h = torch.randperm(len(held), generator=g)[:n].tolist()
@@ -524,13 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.cmd]
     if args.threads:
         torch.set_num_threads(args.threads)
-    from kflow.utils import CheckpointError
-
-    try:
-        return cmd(args, extra)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
-        # bad input: one clear line naming the file and the reason, no traceback
-        raise SystemExit(f"error: {err}") from err
+    # exit codes: 0 ok, 2 bad input (one `error:` line naming the file and the reason), 1 internal failure
+    return run_command(cmd, args, extra, bad_input=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kflow.cli import compose, configs_dir, instantiate, to_container
+from kflow.cli import InputError, check_targets, compose, configs_dir, instantiate, run_command, to_container
 from kflow.utils import atomic_save, atomic_write_text, load_checkpoint
 
 from .data import BuildError
@@ -36,7 +36,7 @@ EPILOG = """examples:
 def _overrides(args, extra: list[str]) -> list[str]:
     bad = [e for e in extra if "=" not in e]
     if bad:
-        raise SystemExit(f"error: unrecognised arguments {bad}; hydra overrides look like key=value "
+        raise InputError(f"unrecognised arguments {bad}; hydra overrides look like key=value "
                          f"(see `kflow-mol {args.cmd} --help`)")
     ov = []
     data = getattr(args, "data", None)
@@ -63,7 +63,8 @@ def build_components(cfg) -> tuple:
     model = instantiate(cfg.model, node_feature_dim=NUM_NODE_FEATURES)
     schedule = instantiate(cfg.schedule)
     path = instantiate(cfg.path)(schedule=schedule)
-    task = AssemblyTask(path, symmetric_targets=cfg.symmetric_targets, rot_weight=cfg.rot_weight)
+    task = AssemblyTask(path, symmetric_targets=cfg.symmetric_targets, rot_weight=cfg.rot_weight,
+                        rot_late_weight=bool(cfg.get("rot_late_weight", False)))
     return model, task, instantiate(cfg.noise)
 
 
@@ -83,11 +84,13 @@ def load_model(ckpt: str | Path | None, device="cpu"):
     if not p.exists():
         hint = ("the shipped default model is missing from this install; train one with "
                 "`kflow-mol train --data cod17-mini`" if ckpt is None else "pass a run's model.pt")
-        raise SystemExit(f"error: checkpoint {p} not found: {hint}")
+        raise InputError(f"checkpoint {p} not found: {hint}")
     blob = load_checkpoint(p)
     if blob.get("format") != MODEL_FORMAT:
-        raise SystemExit(f"error: {p} is not a kflow-mol model file (expected model.pt written by `kflow-mol train`)")
-    cfg = OmegaConf.create(json.loads(blob["config"]))
+        raise InputError(f"{p} is not a kflow-mol model file (expected model.pt written by `kflow-mol train`)")
+    stored = json.loads(blob["config"])
+    check_targets(stored, str(p))  # model files are shared: build only this package's own classes
+    cfg = OmegaConf.create(stored)
     model, task, noise = build_components(cfg)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), task, noise, cfg, json.loads(blob["info"]), p
@@ -183,7 +186,7 @@ def _cluster_input(args):
         return _single(species, pos, "smiles"), False
     src = Path(args.input)
     if not src.exists():
-        raise SystemExit(f"error: input {src} does not exist")
+        raise InputError(f"input {src} does not exist")
     suf = src.suffix.lower()
     if suf == ".cif":
         return cluster_from_cif(src), True
@@ -202,7 +205,7 @@ def _cluster_input(args):
         except BuildError:
             species, pos = read_single_molecule(src)
             return _single(species, pos, src.stem), False
-    raise SystemExit(f"error: {src}: unsupported input type '{suf}' (CIF, official CSV, XYZ/extxyz/PDB cluster, "
+    raise InputError(f"{src}: unsupported input type '{suf}' (CIF, official CSV, XYZ/extxyz/PDB cluster, "
                      f"SDF/MOL/XYZ molecule, or --smiles)")
 
 
@@ -228,7 +231,7 @@ def cmd_assemble(args, extra) -> int:
     from .task import make_batch
 
     if not args.input and not args.smiles:
-        raise SystemExit("error: give an INPUT file or --smiles")
+        raise InputError("give an INPUT file or --smiles")
     model, task, noise, cfg, info, p = load_model(args.ckpt, args.device or "cpu")
     record, known = _cluster_input(args)
     out = Path(args.out)
@@ -365,16 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; exit codes: 0 ok, 2 bad input (one ``error:`` line on stderr), 1 internal failure."""
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
-    try:
-        return args.fn(args, extra)
-    except BuildError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(args.fn, args, extra, bad_input=(BuildError,))
 
 
 if __name__ == "__main__":

@@ -59,3 +59,24 @@ def test_library_does_not_import_hydra():
             "sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_allowlist_is_the_configs_own_classes():
+    from kflow.cli import allowed_targets, check_targets
+
+    allowed = allowed_targets()
+    assert {"kflow_mol.model.AssemblyNet", "kflow.schedule.BandSchedule", "kflow_mol.rigid.RigidKPath"} <= allowed
+    assert all(t.split(".")[0] in ("kflow", "kflow_mol", "kflow_image") for t in allowed)
+    for name in TOP:  # every composed config passes
+        check_targets(compose(name), name)
+
+
+@pytest.mark.parametrize("target", ["numpy.savetxt", "os.system", "kflow.train.Path", "kflow.train.Trainer",
+                                    "kflow.utils.atomic_write_text", 42])
+def test_allowlist_rejects_foreign_and_unused_targets(target):
+    from kflow.cli import UnsafeConfigError, check_targets
+
+    # re-exported foreign classes (kflow.train.Path is pathlib's) and our own non-config callables are refused
+    with pytest.raises(UnsafeConfigError, match="stored.pt: refused to build"):
+        check_targets({"model": {"_target_": "kflow_mol.model.AssemblyNet", "x": [{"_target_": target}]}},
+                      "stored.pt")

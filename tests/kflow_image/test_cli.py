@@ -64,15 +64,17 @@ def test_sample_controls(trained, tmp_path, capsys):
         assert im.size[1] > 3 * 32  # clean, degraded and restored rows
 
 
-def test_baseline_flag_and_bad_input(tmp_path):
+def test_baseline_flag_and_bad_input(tmp_path, capsys):
     run = tmp_path / "base"
     assert main(["train", "--baseline", "--run-dir", str(run), *TINY, "trainer.steps=2"]) == 0
     cfg = json.loads((run / "config.json").read_text())["run"]
     assert cfg["schedule"]["window"] == 1.0 and cfg["transform"]["_target_"].endswith("IdentityTransform")
-    with pytest.raises(SystemExit, match="key=value"):
-        main(["train", "--run-dir", str(run), "notanoverride"])
-    with pytest.raises(SystemExit):
-        main(["sample", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")])
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "notanoverride"]) == 2  # bad input
+    assert "key=value" in capsys.readouterr().err
+    assert main(["sample", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]
 
 
 def test_help_documents_the_flags(capsys):
@@ -92,3 +94,21 @@ def test_evaluate_json(trained, capsys):
     res = json.loads(capsys.readouterr().out)
     for block in ("generated", "real_vs_real", "codec_reconstruction"):
         assert {"fid", "kid", "precision", "recall"} <= set(res[block])
+
+
+def test_checkpoint_cannot_call_foreign_targets(trained, tmp_path, capsys):
+    """A crafted checkpoint whose stored run config names ``numpy.savetxt`` (payload writes into tmp_path)."""
+    import torch
+
+    from kflow.utils import load_checkpoint
+
+    blob = load_checkpoint(trained / "last.pt")
+    marker = tmp_path / "payload_ran.txt"
+    blob["run_config"]["schedule"] = {"_target_": "numpy.savetxt", "fname": str(marker), "X": [[1.0]]}
+    evil = tmp_path / "evil.pt"
+    torch.save(blob, evil)
+    capsys.readouterr()
+    rc = main(["sample", "--ckpt", str(evil), "--out", str(tmp_path / "g.png"), "--n", "2", "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists()
+    assert rc == 2 and len(err) == 1 and str(evil) in err[0] and "numpy.savetxt" in err[0]

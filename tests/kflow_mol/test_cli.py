@@ -69,10 +69,10 @@ def test_assemble_cif_and_smiles(trained, small, tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(trained, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["assemble", str(tmp_path / "missing.cif"), "--ckpt", str(trained / "model.pt")])
-    with pytest.raises(SystemExit, match="hydra overrides look like key=value"):
-        main(["train", "--data", "cod17-mini", "oops"])
+    assert main(["assemble", str(tmp_path / "missing.cif"), "--ckpt", str(trained / "model.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--data", "cod17-mini", "oops"]) == 2
+    assert "hydra overrides look like key=value" in capsys.readouterr().err
     assert main(["train", "--data", "cod17-10k", "--data-root", str(tmp_path)]) == 2
     assert "official COD-Cluster17" in capsys.readouterr().err
 
@@ -88,3 +88,32 @@ def test_build_dataset_and_inspect(small, tmp_path, capsys):
     info = json.loads(out[out.rfind("{\n"):])
     assert info["molecules"] == 17 and info["do_nothing_pm_atom"] > 0
     assert png.exists() and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("where", ["schedule", "nested_in_model"])
+def test_model_file_cannot_call_foreign_targets(tmp_path, capsys, where):
+    """A crafted model.pt that passes the weights-only loader names ``numpy.savetxt`` in its config: the
+    payload (which would write a file into tmp_path) must never run, and the CLI says so in one line."""
+    import torch
+
+    from kflow.cli import EXIT_BAD_INPUT
+    from kflow.utils import load_checkpoint
+    from kflow_mol.cli import DEFAULT_MODEL
+
+    blob = load_checkpoint(DEFAULT_MODEL)
+    cfg = json.loads(blob["config"])
+    marker = tmp_path / "payload_ran.txt"
+    payload = {"_target_": "numpy.savetxt", "fname": str(marker), "X": [[1.0]]}
+    if where == "schedule":
+        cfg["schedule"] = payload
+    else:  # an argument of an allowed class: hydra builds nested targets first
+        cfg["model"]["extra"] = payload
+    blob["config"] = json.dumps(cfg)
+    evil = tmp_path / "evil.pt"
+    torch.save(blob, evil)
+    capsys.readouterr()
+    rc = main(["assemble", "--smiles", "CCO", "--ckpt", str(evil), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists()
+    assert rc == EXIT_BAD_INPUT
+    assert len(err) == 1 and err[0].startswith("error: ") and str(evil) in err[0] and "numpy.savetxt" in err[0]
