@@ -99,19 +99,21 @@ def load_model(ckpt: str | Path | None, device="cpu"):
 # --------------------------------------------------------------------------- commands
 def cmd_train(args, extra) -> int:
     from kflow.train import Trainer, TrainConfig
+    from kflow.utils import seed_everything
 
     from .dataset import load_prepared, split_indices
     from .evaluate import evaluate, pm_histogram, public
     from .task import Collator
 
     cfg = compose("mol", _overrides(args, extra))
+    tcfg = TrainConfig.from_dict({k: v for k, v in to_container(cfg.trainer).items() if k != "_target_"})
+    seed_everything(tcfg.seed)  # the model's initial weights too: identical commands give identical runs
     model, task, noise = build_components(cfg)
     clusters, report = load_prepared(cfg.data.name, cfg.data.root, noise, seed=cfg.data.split_seed)
     split = split_indices(len(clusters), cfg.data.split_seed)
     train = [clusters[i] for i in split["train"]]
     val = [clusters[i] for i in split["val"]][: max(cfg.eval_clusters, 0) or None]
     test = [clusters[i] for i in split["test"]]
-    tcfg = TrainConfig.from_dict({k: v for k, v in to_container(cfg.trainer).items() if k != "_target_"})
     resample = bool(cfg.data.resample_loose) and report.get("kind") == "cif"
     print(f"data {cfg.data.name}: {len(clusters)} clusters ({len(report['rejected'])} inputs rejected), "
           f"split train/val/test = {len(train)}/{len(val)}/{len(test)}; model "

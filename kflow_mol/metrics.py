@@ -65,6 +65,7 @@ __all__ = [
     "pm_atom_symmetry_aware",
     "pm_center",
     "separation_rate",
+    "rotation_errors",
     "summarize",
 ]
 
@@ -384,6 +385,29 @@ def compack_matched(
     return int(keep.sum())
 
 
+def rotation_errors(pred: Any, true: Any, perms: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Orientation error of every molecule, in degrees, against the closest symmetry-equivalent truth.
+
+    Molecule ``i`` of ``pred`` is compared with molecule ``i`` of ``true`` (labels kept): the angle of the
+    rotation that best maps ``true_i`` relabelled by an automorphism onto ``pred_i``, minimised over the
+    automorphisms (a symmetric molecule turned onto an equivalent of its target is right).
+
+    Args:
+        pred, true: ``(M, n, 3)`` positions. perms: ``(G, n)`` automorphisms (identity included).
+
+    Returns:
+        ``(M,)`` angles in [0, 180].
+    """
+    p, t = _cluster(pred, "pred"), _cluster(true, "true")
+    perms = np.asarray(torch.as_tensor(perms).cpu().numpy(), dtype=np.int64)
+    out = np.full(p.shape[0], 180.0)
+    for i in range(p.shape[0]):
+        for g in perms:
+            R, _ = so3.kabsch_np(t[i][g], p[i])
+            out[i] = min(out[i], float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0)))))
+    return out
+
+
 def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | np.ndarray | None = None) -> dict:
     """All metrics of one predicted cluster.
 
@@ -396,7 +420,9 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
     Returns:
         dict with the published ``pm_atom, pm_center, collision, separation`` and ours
         ``pm_atom_perm_invariant, pm_center_perm_invariant, pm_atom_symmetry_aware, collision_inter,
-        cluster_rmsd, cluster_rmsd_symmetry_aware, compack_matched, symmetry_order``.
+        cluster_rmsd, cluster_rmsd_symmetry_aware, compack_matched, symmetry_order``, and the orientation
+        errors ``rot_median_deg`` (median over molecules, :func:`rotation_errors`) and ``rot_within_10deg``
+        (fraction of molecules within 10 degrees of an equivalent of the truth).
     """
     p, t = _cluster(pred, "pred"), _cluster(true, "true")
     if p.shape != t.shape:
@@ -426,6 +452,8 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
         compack_matched=compack_matched(p[sigma_sym], t_rel),
         symmetry_order=int(torch.as_tensor(perms).shape[0]),
     )
+    rot = rotation_errors(p, t, perms)
+    out.update(rot_median_deg=float(np.median(rot)), rot_within_10deg=float((rot < 10.0).mean()))
     return out
 
 

@@ -11,6 +11,19 @@ per-molecule state ``s = [c, omega] (B, M, 6)`` through the core :class:`kflow.p
 
 Lab-frame rotation vectors are mixed across molecules (body-frame vectors would break invariance).
 ``window = 1`` is the AssembleFlow-style baseline: linear centroids and geodesic rotations, same code.
+
+``rotation="own"`` keeps the graph for the centroids only and turns each molecule along its own geodesic on
+a scalar *rotation clock* ``mu_r(k)`` (linear over ``rot_window``)::
+
+    omega_k,i = mu_r(k) Omega_i,      R_k,i = Exp(mu_r(k) Omega_i) R0_i
+
+The loose orientations are independent uniform draws, so mixing them across molecules (``M_k Omega``)
+blends unrelated random rotation vectors: for centroids the graph modes are collective motions, for
+independent random rotations they are not. With uniform loose orientations the rotational part is
+*generation*, so :meth:`RigidKPath.step` can re-estimate the rotational source at every step
+(``rot_source="estimate"``: a geodesic step from the current orientation towards the predicted one, the
+SO(3) form of the marginal velocity) instead of keeping the loose orientation (``"fixed"``), which returns
+the average of the predictions along ``k``.
 """
 from __future__ import annotations
 
@@ -67,6 +80,10 @@ class RigidPathSample:
     R_k: Tensor
 
 
+ROTATIONS = ("graph", "own")
+ROT_SOURCES = ("fixed", "estimate")
+
+
 class RigidKPath:
     """Spectral-graph K-path for clusters of rigid molecules.
 
@@ -75,13 +92,37 @@ class RigidKPath:
         sigma: Gaussian bandwidth (Å); ``None`` uses each cluster's median distance.
         knn: optional kNN sparsification of the affinities.
         distance: ``centroid`` (distances of unweighted centroids) or ``contact`` (soft-min atom contact).
+        rotation: ``graph`` (rotation vectors mixed by ``M_k`` like the centroids) or ``own`` (each molecule
+            on its own geodesic, timed by the rotation clock).
+        rot_window: ``(start, end)`` in [0, 1]: with ``rotation="own"`` the orientations turn linearly in k
+            over this window (``(0, 1)``: the same clock as rectified flow).
+        kappa_scale: ``half`` (``kappa = lambda / 2``) or ``max`` (``lambda / lambda_max``, so the bands of
+            each cluster's graph fill [0, 1]); see :class:`kflow.transforms.GraphSpectralTransform`.
+        rot_source: how the sampler turns endpoint predictions into rotation steps (``fixed`` or
+            ``estimate``, see :meth:`step`); centroids always keep the given loose state as source.
     """
 
     def __init__(self, schedule: BandSchedule, sigma: float | None = None, knn: int | None = None,
-                 distance: str = "centroid"):
+                 distance: str = "centroid", rotation: str = "graph", rot_window=(0.0, 1.0),
+                 kappa_scale: str = "half", rot_source: str = "fixed"):
         if distance not in ("centroid", "contact"):
             raise ValueError(f"distance must be 'centroid' or 'contact', got '{distance}'")
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got '{rotation}'")
+        if rot_source not in ROT_SOURCES:
+            raise ValueError(f"rot_source must be one of {ROT_SOURCES}, got '{rot_source}'")
+        a, b = (float(x) for x in rot_window)
+        if not 0.0 <= a < b <= 1.0:
+            raise ValueError(f"rot_window must satisfy 0 <= start < end <= 1, got {tuple(rot_window)}")
         self.schedule, self.sigma, self.knn, self.distance = schedule, sigma, knn, distance
+        self.rotation, self.rot_window, self.kappa_scale, self.rot_source = rotation, (a, b), kappa_scale, rot_source
+        # The rotation clock is a one-band schedule: window b - a starting at a = (1 - w) kappa_r.
+        self._rot_clock = BandSchedule(window=b - a, profile="linear")
+        self._rot_kappa = a / (1 - (b - a)) if b - a < 1 else 0.0
+
+    def rot_clock(self, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu_r(k), dmu_r/dk)`` of the rotation clock (``rotation="own"``), shaped like ``k``."""
+        return self._rot_clock(k, torch.full_like(k, self._rot_kappa))
 
     def transform(self, c0: Tensor, pos0: Tensor | None = None, mask: Tensor | None = None) -> GraphSpectralTransform:
         """Graph transform of the loose state: ``c0 (B, M, 3)``; ``pos0 (B, M, n, 3)`` for contact distances."""
@@ -91,7 +132,7 @@ class RigidKPath:
             d = soft_min_contact(pos0, mask=mask)
         else:
             d = torch.cdist(c0, c0)
-        return GraphSpectralTransform.from_distances(d, sigma=self.sigma, knn=self.knn)
+        return GraphSpectralTransform.from_distances(d, sigma=self.sigma, knn=self.knn, kappa_scale=self.kappa_scale)
 
     def core(self, transform: GraphSpectralTransform) -> KPath:
         return KPath(transform, self.schedule)
@@ -123,8 +164,49 @@ class RigidKPath:
         """Path point at ``k (B,)`` between the loose ``(c0, R0)`` and packed ``(c1, R1)`` states."""
         s0, s1 = self.start(c0), self.endpoint(c1, R1, R0)
         ps = self.core(transform).sample(s0, s1, k)
-        c_k, R_k = self.rigid(ps.x_k, R0)
-        return RigidPathSample(ps.k, s0, s1, ps.x_k, ps.dx_k, c_k, R_k)
+        s_k, ds_k = ps.x_k, ps.dx_k
+        if self.rotation == "own":  # centroids from the graph path, rotations on their own clock
+            mu, dmu = self.rot_clock(k)
+            s_k = torch.cat([s_k[..., :3], mu[:, None, None] * s1[..., 3:]], dim=-1)
+            ds_k = torch.cat([ds_k[..., :3], dmu[:, None, None] * s1[..., 3:]], dim=-1)
+        c_k, R_k = self.rigid(s_k, R0)
+        return RigidPathSample(ps.k, s0, s1, s_k, ds_k, c_k, R_k)
+
+    def step(self, transform: GraphSpectralTransform, s_k: Tensor, s1_hat: Tensor, c0: Tensor, R0: Tensor,
+             k: Tensor, k_next: Tensor) -> Tensor:
+        """One exact-increment sampler step from ``s_k`` at ``k`` to ``k_next`` (both ``(B,)``).
+
+        Centroids: ``c += M_{k'} - M_k`` applied to ``c1_hat - c0`` (the loose centroids are the given
+        source). Rotations, ``rot_source="fixed"``: the same increment on ``Log(R1_hat R0^T)`` with the loose
+        orientation as source (the training path through ``R0``). ``"estimate"``: the source is re-estimated
+        from the state, which on the rotation clock is the geodesic step
+        ``R <- Exp(a Log(R1_hat R^T)) R`` with ``a = (mu_r(k') - mu_r(k)) / (1 - mu_r(k))`` (``rotation="own"``),
+        or the core DDIM step in the rotation-vector chart at ``R0`` (``rotation="graph"``). Every form lands
+        on the prediction at ``k = 1``.
+
+        Returns:
+            ``(B, M, 6)`` the next state.
+        """
+        core = self.core(transform)
+        c_next = s_k[..., :3] + core.increment(c0, s1_hat[..., :3], k, k_next)
+        om, om1 = s_k[..., 3:], s1_hat[..., 3:]
+        if self.rotation == "graph":
+            src = torch.zeros_like(om)
+            if self.rot_source == "estimate":
+                src = core.estimate_source(om, om1, k, src)
+            om_next = om + core.increment(src, om1, k, k_next)
+        else:
+            mu, mu_next = self.rot_clock(k)[0], self.rot_clock(k_next)[0]
+            if self.rot_source == "fixed":
+                om_next = om + (mu_next - mu)[:, None, None] * om1
+            else:
+                R_k = so3.exp(om) @ R0
+                R1 = so3.exp(om1) @ R0
+                left = (1 - mu).clamp_min(1e-6)
+                a = torch.where(mu_next > mu, (mu_next - mu) / left, torch.zeros_like(mu)).clamp(max=1.0)
+                R_next = so3.exp(a[:, None, None] * so3.log(R1 @ R_k.transpose(-1, -2))) @ R_k
+                om_next = so3.log(R_next @ R0.transpose(-1, -2))
+        return torch.cat([c_next, om_next], dim=-1)
 
     def node_features(self, transform: GraphSpectralTransform, k: Tensor) -> Tensor:
         """Sign-safe per-molecule features: band progress ``diag(M_k)``, ``diag(dM_k/dk)`` and heat-kernel
@@ -139,6 +221,12 @@ class RigidKPath:
 
 
 NUM_NODE_FEATURES = 2 + len(HEAT_TIMES)
+
+
+def rotation_error(R: Tensor, R1: Tensor, symmetries: Tensor, sym_mask: Tensor | None = None) -> Tensor:
+    """Angle (degrees) between ``R (B, M, 3, 3)`` and the closest symmetry-equivalent of ``R1``: ``(B, M)``."""
+    best, _ = closest_equivalent_rotation(R1, R, symmetries, sym_mask)
+    return torch.rad2deg(so3.geodesic_distance(best, R))
 
 
 def closest_equivalent_rotation(R1: Tensor, R0: Tensor, symmetries: Tensor,

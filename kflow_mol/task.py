@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from kflow.schedule import make_grid
-from kflow.solver import solve
 
 from . import so3
 from .batch import ClusterBatch, RigidState, collate
@@ -99,10 +98,15 @@ class AssemblyTask:
         symmetric_targets: use the symmetry-equivalent target orientation closest to the loose one (the
             labelled one is a coin toss for symmetric molecules).
         rot_weight: weight of the rotational part of the atom-level loss.
+        rot_late_weight: weight the rotational loss by ``1 / (1 - min(mu_r, 0.9))^2`` (``rotation="own"``;
+            with the re-estimated rotation source an endpoint error at ``mu_r`` becomes a velocity error
+            ``1 / (1 - mu_r)`` times larger, so late errors matter most; FrameFlow's weighting).
     """
 
-    def __init__(self, path: RigidKPath, symmetric_targets: bool = True, rot_weight: float = 1.0):
+    def __init__(self, path: RigidKPath, symmetric_targets: bool = True, rot_weight: float = 1.0,
+                 rot_late_weight: bool = False):
         self.path, self.symmetric_targets, self.rot_weight = path, symmetric_targets, rot_weight
+        self.rot_late_weight = rot_late_weight
 
     def targets(self, batch: AssemblyBatch) -> Tensor:
         """Target orientations ``(B, M, 3, 3)``: closest symmetry-equivalent to ``R0`` (or the labelled)."""
@@ -144,8 +148,29 @@ class AssemblyTask:
         s1_hat = self.predict(model, transform, ps.s_k, k, batch)
         _, R1_hat = self.path.rigid(s1_hat, batch.R0)
         dc, rot = self.atom_error(s1_hat, batch.c1, R1_hat, R1, batch.gyration)
-        loss = (dc + self.rot_weight * rot).mean()
+        w = self.rot_weight
+        if self.rot_late_weight and self.path.rotation == "own":
+            w = w / (1 - self.path.rot_clock(k)[0].clamp(max=0.9))[:, None] ** 2
+        loss = (dc + w * rot).mean()
         return loss, {"rmsd_centroid": dc.mean().sqrt().detach(), "rmsd_rotation": rot.mean().sqrt().detach()}
+
+    @torch.no_grad()
+    def predict_path_sample(self, model: nn.Module, batch: AssemblyBatch, k: Tensor) -> dict:
+        """Endpoint prediction on a training path sample at ``k (B,)`` (for diagnostics by k).
+
+        Returns:
+            dict with ``R_k``, ``R1`` (the target used in training), ``R1_hat`` ``(B, M, 3, 3)`` and the
+            atom-level rotational RMSD (Å) of the prediction and of ``R_k``, ``rot_rmsd_hat`` / ``rot_rmsd_k``
+            ``(B, M)``.
+        """
+        R1 = self.targets(batch)
+        transform = self._transform(batch)
+        ps = self.path.sample(transform, batch.c0, batch.R0, batch.c1, R1, k)
+        s1_hat = self.predict(model, transform, ps.s_k, k, batch)
+        _, R1_hat = self.path.rigid(s1_hat, batch.R0)
+        rot_hat = self.atom_error(s1_hat, batch.c1, R1_hat, R1, batch.gyration)[1]
+        rot_k = self.atom_error(s1_hat, batch.c1, ps.R_k, R1, batch.gyration)[1]
+        return {"R_k": ps.R_k, "R1": R1, "R1_hat": R1_hat, "rot_rmsd_hat": rot_hat.sqrt(), "rot_rmsd_k": rot_k.sqrt()}
 
     @torch.no_grad()
     def sample(self, model: nn.Module, batch: AssemblyBatch, steps: int = 50, method: str = "exact",
@@ -156,20 +181,28 @@ class AssemblyTask:
             dict with ``c (B, M, 3)``, ``R (B, M, 3, 3)``, ``positions (B, M, n_max, 3)`` and optionally
             ``trajectory`` (list over grid points of ``(B, M, n_max, 3)``), ``seconds``.
         """
+        if method != "exact":
+            raise ValueError(f"the rigid sampler integrates with exact increments only (method='exact'), "
+                             f"got '{method}'")
         t0 = time.perf_counter()
         transform = self._transform(batch)
-        core = self.path.core(transform)
-        s0 = self.path.start(batch.c0)
+        s = self.path.start(batch.c0)
         cache = model.encode_templates(batch.clusters) if hasattr(model, "encode_templates") else None
         k_grid = make_grid(steps, grid, self.path.schedule, transform.distinct_kappa() if grid == "band" else None)
-        # the loose state is the given input (the path and its graph are built from it), not a noise draw
-        # the network must average over: keep it fixed
-        sol = solve(core, s0, lambda s, k: self.predict(model, transform, s, k, batch, cache),
-                    k_grid.to(s0.dtype), method=method, return_trajectory=return_trajectory, source="fixed")
-        c, R = self.path.rigid(sol.x_1, batch.R0)
+        k_grid = k_grid.to(device=s.device, dtype=s.dtype)
+        # SO(3) is not a vector space, so the rigid path takes its own steps (RigidKPath.step): centroids
+        # keep the given loose state as source, rotations follow path.rot_source
+        traj = [s] if return_trajectory else None
+        b = s.shape[0]
+        for i in range(steps):
+            k, k_next = k_grid[i].expand(b), k_grid[i + 1].expand(b)
+            s1_hat = self.predict(model, transform, s, k, batch, cache)
+            s = self.path.step(transform, s, s1_hat, batch.c0, batch.R0, k, k_next)
+            if traj is not None:
+                traj.append(s)
+        c, R = self.path.rigid(s, batch.R0)
         out = {"c": c, "R": R, "positions": batch.clusters.positions_padded(c, R),
-               "seconds": time.perf_counter() - t0, "evaluations": sol.evaluations}
+               "seconds": time.perf_counter() - t0, "evaluations": steps}
         if return_trajectory:
-            out["trajectory"] = [batch.clusters.positions_padded(*self.path.rigid(s, batch.R0))
-                                 for s in sol.trajectory]
+            out["trajectory"] = [batch.clusters.positions_padded(*self.path.rigid(x, batch.R0)) for x in traj]
         return out

@@ -40,7 +40,10 @@ def gaussian_weights(dist: Tensor, mask: Tensor | None = None, sigma: Tensor | f
 class GraphSpectralTransform(KTransform):
     """Graph Fourier transform over the nodes of a batch of graphs.
 
-    ``L = I - D^-1/2 W D^-1/2 = U diag(lambda) U^T`` with ``lambda`` in [0, 2] and ``kappa = lambda / 2``.
+    ``L = I - D^-1/2 W D^-1/2 = U diag(lambda) U^T`` with ``lambda`` in [0, 2] and ``kappa = lambda / 2``
+    (``kappa_scale="half"``) or ``kappa = lambda / lambda_max`` per graph (``"max"``: the spectrum actually
+    present fills [0, 1]; dense Gaussian graphs of a few dozen nodes have ``lambda_max`` near 1, so with
+    ``lambda / 2`` the finest band is revealed long before ``k = 1``).
     Samples are node signals ``(B, N, F)``. :meth:`mix` applies ``U diag(mu) U^T``, a matrix function of
     ``L``: since ``mu`` depends only on the eigenvalue it does not depend on eigenvector signs or on the
     basis chosen inside a degenerate eigenspace, and it is equivariant to relabelling the nodes.
@@ -49,14 +52,19 @@ class GraphSpectralTransform(KTransform):
         evals: ``(B, N)`` eigenvalues of ``L``.
         evecs: ``(B, N, N)`` orthonormal eigenvectors (columns).
         mask: ``(B, N)`` bool, True for real nodes (padded nodes are isolated and carry zero signal).
+        kappa_scale: ``half`` or ``max`` (see above).
     """
 
-    def __init__(self, evals: Tensor, evecs: Tensor, mask: Tensor | None = None):
+    KAPPA_SCALES = ("half", "max")
+
+    def __init__(self, evals: Tensor, evecs: Tensor, mask: Tensor | None = None, kappa_scale: str = "half"):
         super().__init__()
-        self.evals, self.evecs, self.mask = evals, evecs, mask
+        if kappa_scale not in self.KAPPA_SCALES:
+            raise ValueError(f"kappa_scale must be one of {self.KAPPA_SCALES}, got '{kappa_scale}'")
+        self.evals, self.evecs, self.mask, self.kappa_scale = evals, evecs, mask, kappa_scale
 
     @classmethod
-    def from_weights(cls, weights: Tensor, mask: Tensor | None = None) -> GraphSpectralTransform:
+    def from_weights(cls, weights: Tensor, mask: Tensor | None = None, kappa_scale: str = "half") -> GraphSpectralTransform:
         """Build from symmetric non-negative weights ``(B, N, N)`` (or ``(N, N)``)."""
         if weights.dim() == 2:
             weights = weights[None]
@@ -67,16 +75,16 @@ class GraphSpectralTransform(KTransform):
         lap = torch.eye(n, dtype=weights.dtype, device=weights.device) - \
             inv_sqrt[:, :, None] * weights * inv_sqrt[:, None, :]
         evals, evecs = torch.linalg.eigh(0.5 * (lap + lap.transpose(1, 2)))
-        return cls(evals.clamp(0.0, 2.0), evecs, mask)
+        return cls(evals.clamp(0.0, 2.0), evecs, mask, kappa_scale)
 
     @classmethod
     def from_distances(cls, dist: Tensor, mask: Tensor | None = None, sigma: float | None = None,
-                       knn: int | None = None) -> GraphSpectralTransform:
+                       knn: int | None = None, kappa_scale: str = "half") -> GraphSpectralTransform:
         """Build from pairwise distances ``(B, N, N)`` through :func:`gaussian_weights`."""
         if dist.dim() == 2:
             dist = dist[None]
             mask = None if mask is None else mask.reshape(1, -1)
-        return cls.from_weights(gaussian_weights(dist, mask, sigma, knn), mask)
+        return cls.from_weights(gaussian_weights(dist, mask, sigma, knn), mask, kappa_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.evecs.transpose(-1, -2).to(x.dtype) @ x
@@ -86,6 +94,8 @@ class GraphSpectralTransform(KTransform):
 
     @property
     def kappa(self) -> Tensor:
+        if self.kappa_scale == "max":
+            return (self.evals / self.evals.amax(-1, keepdim=True).clamp_min(1e-12)).unsqueeze(-1)
         return (self.evals / 2).unsqueeze(-1)  # (B, N, 1) against node signals (B, N, F)
 
     def matrix(self, values: Tensor) -> Tensor:
