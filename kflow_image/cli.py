@@ -248,7 +248,7 @@ def cmd_train(args, extra) -> int:
     from torch.utils.data import TensorDataset, default_collate
 
     from kflow.train import TrainConfig, Trainer
-    from kflow.utils import resolve_device
+    from kflow.utils import resolve_device, seed_everything
     from kflow_image.sampling import save_grid
 
     pre = []
@@ -267,6 +267,7 @@ def cmd_train(args, extra) -> int:
         pre += [f"trainer.device={args.device}"]
     cfg = to_container(_compose(extra, pre))
     tcfg = TrainConfig.from_dict(cfg["trainer"])
+    seed_everything(tcfg.seed)  # the model's initial weights too: identical commands give identical runs
     codec = _make_codec(cfg["data"])
     data = load_image_data(cfg["data"], codec, progress=tcfg.progress and sys.stderr.isatty())
     raw, labels = data["train"]
