@@ -122,7 +122,10 @@ def cmd_train(args, extra) -> int:
     def eval_fn(ema_model, step):
         r = evaluate(ema_model, task, val, steps=min(int(cfg.solver.steps), 20), method=cfg.solver.method,
                      device=next(ema_model.parameters()).device)
-        return {"val_pm_atom": r["model"]["pm_atom"], "val_pm_atom_symmetry_aware": r["model"]["pm_atom_symmetry_aware"]}
+        m = r["model"]
+        return {"val_pm_atom": m["pm_atom"], "val_pm_atom_symmetry_aware": m["pm_atom_symmetry_aware"],
+                "val_pm_center": m["pm_center"], "val_rot_median_deg": m["rot_median_deg"],
+                "val_rot_within_10deg": m["rot_within_10deg"]}
 
     trainer = Trainer(model, task.loss, train, Collator(resample, noise), tcfg,
                       eval_fn=eval_fn if val else None, eval_every=int(cfg.eval_every),

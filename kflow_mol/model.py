@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import roma
 import torch
 import torch.nn.functional as F
 from e3nn import o3
@@ -277,6 +278,9 @@ class AssemblyNet(nn.Module):
         softmin_tau: temperature of the soft-min contact distance (Å).
         pos_scale: length unit of centroid vectors and of the ``dc`` output (Å).
         length_unit: length unit of lever arms and contact vectors (Å).
+        rot_output: ``rotvec`` (the head's ``1e`` vector is the rotation vector) or ``quat`` (a ``0e`` scalar
+            ``w`` and the ``1e`` vector ``v`` form the quaternion ``(1 + w, v)``, normalised): a 180° turn is
+            ``w = -1`` rather than a vector of length exactly pi, and the map is smooth everywhere.
     """
 
     def __init__(
@@ -299,8 +303,12 @@ class AssemblyNet(nn.Module):
         softmin_tau: float = 0.5,
         pos_scale: float = 10.0,
         length_unit: float = 5.0,
+        rot_output: str = "rotvec",
     ):
         super().__init__()
+        if rot_output not in ("rotvec", "quat"):
+            raise ValueError(f"rot_output must be 'rotvec' or 'quat', got '{rot_output}'")
+        self.rot_output = rot_output
         self.node_feature_dim = node_feature_dim
         self.rc, self.tau, self.K = contact_cutoff, softmin_tau, contact_rbf
         # The soft-min works on squared distances; this temperature gives it a sharpness of ~tau (Å) at a
@@ -343,7 +351,7 @@ class AssemblyNet(nn.Module):
             [_MolLayer(self.irreps_h, self.irreps_msg, self.irreps_sh, self.irreps_evh, 64, hidden_scalars)
              for _ in range(mol_layers)]
         )
-        self.head = o3.Linear(self.irreps_h, o3.Irreps("1x1o+1x1e"))
+        self.head = o3.Linear(self.irreps_h, o3.Irreps("1x1o+1x1e" + ("+1x0e" if rot_output == "quat" else "")))
 
     # ------------------------------------------------------------------ stages
     def encode_templates(self, batch: ClusterBatch) -> TemplateCache:
@@ -520,4 +528,7 @@ class AssemblyNet(nn.Module):
         out = self.head(h)  # (B, M, 6): 1o then 1e, e3nn order
         dc = out[..., 0:3][..., _FROM_E3NN] * self.pos_scale
         omega = out[..., 3:6][..., _FROM_E3NN]
+        if self.rot_output == "quat":  # roma's quaternions are (x, y, z, w)
+            q = torch.cat([omega, 1.0 + out[..., 6:7]], dim=-1)
+            omega = roma.unitquat_to_rotvec(q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         return torch.cat([dc, omega], dim=-1)

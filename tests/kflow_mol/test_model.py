@@ -92,9 +92,10 @@ def test_collate_rejects_bad_input():
         collate([])
 
 
-def test_rotation_translation_equivariance(setup):
+@pytest.mark.parametrize("rot_output", ["rotvec", "quat"])
+def test_rotation_translation_equivariance(setup, rot_output):
     _, batch, x, k, nf = setup
-    model = _model()
+    model = _model(rot_output=rot_output)
     out = model(x, k, batch=batch, node_features=nf)
     assert out.shape == (2, M, 6) and torch.isfinite(out).all()
     Q = roma.unitquat_to_rotmat(roma.random_unitquat(dtype=torch.float64))

@@ -99,3 +99,45 @@ def test_soft_min_contact_close_to_min_distance():
     off = ~torch.eye(M, dtype=torch.bool)
     assert torch.allclose(d[0][off], full[0][off], atol=0.2)
     assert torch.all(d[0][off] <= full[0][off] + 1e-9)
+
+
+def test_own_rotation_clock_is_geodesic_and_matches_w1_graph_path():
+    """rotation="own" turns each molecule along its own geodesic on the clock; with the (0, 1) window and
+    w = 1 it is the same path as graph mixing (M_k = k I), and the window shifts when molecules turn."""
+    t, c0, R0, c1, R1 = synthetic()
+    k = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    own = RigidKPath(BandSchedule(1.0), rotation="own")
+    graph = RigidKPath(BandSchedule(1.0))
+    a = own.sample(own.transform(c0), c0, R0, c1, R1, k)
+    b = graph.sample(graph.transform(c0), c0, R0, c1, R1, k)
+    assert torch.allclose(a.s_k, b.s_k, atol=1e-12) and torch.allclose(a.ds_k, b.ds_k, atol=1e-12)
+    late = RigidKPath(BandSchedule(0.3, "smoothstep"), rotation="own", rot_window=(0.5, 1.0))
+    s = late.sample(late.transform(c0), c0, R0, c1, R1, k)
+    omega = so3.log(R1 @ R0.transpose(-1, -2))
+    # k = 0.3: not turned yet; k = 0.8: 60 % of the way along the geodesic
+    assert torch.allclose(s.R_k[0], R0[0], atol=1e-12)
+    assert torch.allclose(s.R_k[1], so3.exp(0.6 * omega[1]) @ R0[1], atol=1e-10)
+    assert torch.allclose(s.ds_k[1, :, 3:], omega[1] / 0.5, atol=1e-10)
+
+
+def test_kappa_scale_max_fills_unit_interval():
+    _, c0, *_ = synthetic()
+    half = RigidKPath(BandSchedule(0.3)).transform(c0).kappa
+    full = RigidKPath(BandSchedule(0.3), kappa_scale="max").transform(c0).kappa
+    assert torch.allclose(full.amax(1), torch.ones(2, 1, dtype=torch.float64))
+    assert half.amax() < 0.75  # dense Gaussian graphs: lambda_max far below 2
+    assert torch.allclose(full * half.amax(1, keepdim=True), half, atol=1e-12)
+
+
+def test_estimated_rotation_step_is_geodesic_from_current_state():
+    t, c0, R0, c1, R1 = synthetic()
+    path = RigidKPath(BandSchedule(1.0), rotation="own", rot_source="estimate")
+    tr = path.transform(c0)
+    Rk = torch.stack([torch.stack([random_rotation(torch.float64) for _ in range(M)]) for _ in range(2)])
+    s = torch.cat([c0, so3.log(Rk @ R0.transpose(-1, -2))], -1)
+    k, kn = torch.full((2,), 0.5, dtype=torch.float64), torch.full((2,), 0.75, dtype=torch.float64)
+    nxt = path.step(tr, s, path.endpoint(c1, R1, R0), c0, R0, k, kn)
+    _, R = path.rigid(nxt, R0)
+    # half of the remaining way (0.25 / 0.5) along the geodesic from R_k to R1
+    want = so3.exp(0.5 * so3.log(R1 @ Rk.transpose(-1, -2))) @ Rk
+    assert torch.allclose(R, want, atol=1e-8)

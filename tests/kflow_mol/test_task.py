@@ -35,13 +35,20 @@ class Oracle(torch.nn.Module):
         return torch.cat([self.c1 - x_k.c, so3.log(self.R1 @ x_k.R.transpose(-1, -2))], -1)
 
 
+PATHS = [dict(), dict(rotation="own"), dict(rotation="own", rot_source="estimate", rot_window=(0.2, 0.7)),
+         dict(rot_source="estimate", kappa_scale="max")]
+
+
 @pytest.mark.parametrize("window", [1.0, 0.3])
-def test_oracle_assembles_exactly_and_symmetry_aware_pm_is_zero(clusters, window):
-    task = AssemblyTask(RigidKPath(BandSchedule(window, "smoothstep")))
+@pytest.mark.parametrize("kw", PATHS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_oracle_assembles_exactly_and_symmetry_aware_pm_is_zero(clusters, window, kw):
+    task = AssemblyTask(RigidKPath(BandSchedule(window, "smoothstep"), **kw))
     batch = make_batch(clusters, dtype=torch.float64)
     res = task.sample(Oracle(task, batch), batch, steps=7)
     c_true = batch.c1
     assert torch.allclose(res["c"], c_true, atol=1e-8)
+    R_true = task.targets(batch)
+    assert torch.allclose(res["R"], R_true, atol=1e-6)
     preds = [res["positions"][b, :, :len(c["species"])].numpy() for b, c in enumerate(clusters)]
     from kflow_mol.metrics import evaluate_cluster, oracle_floors
 
