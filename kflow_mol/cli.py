@@ -144,7 +144,8 @@ def cmd_train(args, extra) -> int:
                        expansion_mean=float(cfg.noise.expansion_mean))
         atomic_write_text(run / "test_metrics.json", json.dumps(public(res), indent=1))
         pm_histogram(res, run / "pm_hist.png")
-        print(_summary_line("test", res), file=sys.stderr)
+        print("\n".join([_summary_line("test", res), *res["verdict"]]), file=sys.stderr)
+        _warn_clashes(f"{cfg.data.name} test", res)
     print(f"done: {run / 'model.pt'}", file=sys.stderr)
     return 0
 
@@ -176,8 +177,18 @@ def cmd_evaluate(args, extra) -> int:
     if args.json:
         print(json.dumps(public(res)))
     else:
-        print(_summary_line(args.split, res))
+        print("\n".join([_summary_line(args.split, res), *res["verdict"]]))
+    _warn_clashes(f"{data} {args.split}", res)
     return 0
+
+
+def _warn_clashes(name: str, res: dict) -> None:
+    """A WARNING line on stderr when the result (assemble or evaluate) has intermolecular clashes."""
+    from .evaluate import clash_warning
+
+    warning = clash_warning(name, res["clashes"]) if "clashes" in res else None
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _cluster_input(args):
@@ -229,8 +240,9 @@ def _single(species, pos, name):
 
 def cmd_assemble(args, extra) -> int:
     from .dataset import prepare
+    from .evaluate import verdict
     from .io import write_cluster_cif, write_xyz
-    from .metrics import evaluate_cluster, oracle_floors
+    from .metrics import evaluate_cluster, intermolecular_clashes, oracle_floors
     from .noise import make_loose
     from .render import render_clusters
     from .task import make_batch
@@ -259,19 +271,23 @@ def cmd_assemble(args, extra) -> int:
     write_xyz(out / "loose.extxyz", species, prep["initial"], comment="loose input")
     metrics = {"id": record.id, "input": args.input or args.smiles, "checkpoint": str(p),
                "model_trained_on": info.get("data"), "steps": res["evaluations"], "seconds": res["seconds"],
-               "reference_known": known is True}
+               "reference_known": known is True, "clashes": intermolecular_clashes(pos, species)}
     panels = {"loose": prep["initial"], "assembled": pos}
     if known is True:
         metrics["model"] = evaluate_cluster(pos, prep["final"], species, prep["perms"])
         metrics["floors"] = oracle_floors(prep["initial"], prep["final"], species, prep["perms"],
                                           float(noise.expansion_mean))
+        metrics["reference_clashes"] = intermolecular_clashes(prep["final"], species)
         panels["reference"] = prep["final"]
+    metrics["verdict"] = verdict(metrics.get("model", {}), metrics.get("floors", {}), metrics["clashes"])
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
     render_clusters(panels, species, out / "assembled.png", title=f"{record.id}")
     if known is True:
         print(f"{record.id}: PM-atom {metrics['model']['pm_atom']:.2f} Å (symmetry-aware "
               f"{metrics['model']['pm_atom_symmetry_aware']:.2f}); do-nothing "
               f"{metrics['floors']['do_nothing']['pm_atom']:.2f} Å; {res['seconds']:.2f} s")
+    print("\n".join(metrics["verdict"]))
+    _warn_clashes(record.id, metrics)
     print(f"wrote {out}/assembled.cif, assembled.extxyz, trajectory.extxyz, assembled.png, metrics.json")
     return 0
 

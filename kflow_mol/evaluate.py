@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .metrics import evaluate_cluster, oracle_floors, summarize
+from .metrics import CLASH_FRACTION, evaluate_cluster, intermolecular_clashes, oracle_floors, summarize
 from .task import AssemblyTask, make_batch
 
 FLOOR_NAMES = ("do_nothing", "undo_mean_expansion", "centroid_oracle", "orientation_oracle", "symmetry_blind_oracle")
+# the floors a plain verdict compares with, in words
+_VERDICT_FLOORS = {"do_nothing": "the loose state", "undo_mean_expansion": "undoing the mean expansion",
+                   "centroid_oracle": "true centroids with the loose orientations"}
+_CLASH_KEYS = ("clashes", "clashing_molecules", "min_contact", "min_vdw_ratio")
 
 
 def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[dict], steps: int = 50,
@@ -39,9 +43,13 @@ def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[dict],
 
 def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[dict], steps: int = 50,
              method: str = "exact", grid: str = "uniform", batch_size: int = 8, device="cpu",
-             expansion_mean: float | None = 2.0, progress: bool = False) -> dict:
+             expansion_mean: float | None = 2.0, progress: bool = False, refine=None) -> dict:
     """Metrics of the model (if given) and of the floors, averaged over clusters (AssembleFlow's protocol:
-    per cluster, then the mean; validity = finite and <= 100 Å)."""
+    per cluster, then the mean; validity = finite and <= 100 Å).
+
+    With ``refine`` (a :class:`kflow_mol.refine.RefineConfig`) the model's clusters are also refined by the
+    rigid-body pair-energy minimisation and scored separately as ``model_refined`` (never folded into
+    ``model``)."""
     out: dict = {"num_clusters": len(clusters), "steps": steps, "method": method}
     floors = [oracle_floors(c["initial"], c["final"], c["species"], c["perms"], expansion_mean) for c in clusters]
     for name in FLOOR_NAMES:
@@ -51,12 +59,94 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
     out["symmetry_orders"] = {str(k): orders.count(k) for k in sorted(set(orders))}
     if model is not None:
         preds, seconds = predict_clusters(model, task, clusters, steps, method, grid, batch_size, device, progress)
-        per = [evaluate_cluster(p, c["final"], c["species"], c["perms"]) for p, c in zip(preds, clusters)]
+        per = []
+        for p, c in zip(preds, clusters):
+            clash = intermolecular_clashes(p, c["species"])
+            per.append({**evaluate_cluster(p, c["final"], c["species"], c["perms"]),
+                        **{k: clash[k] for k in _CLASH_KEYS}})
         out["model"] = summarize(per)
         out["seconds_per_cluster"] = seconds / max(len(clusters), 1)
         out["per_cluster"] = [{"id": c["id"], **{k: v for k, v in r.items()}} for c, r in zip(clusters, per)]
+        refs = [intermolecular_clashes(c["final"], c["species"])["clashes"] for c in clusters]
+        out["clashes"] = {"clash_fraction": CLASH_FRACTION,
+                          "clusters_with_clashes": sum(r["clashes"] > 0 for r in per),
+                          "clashes_total": sum(r["clashes"] for r in per),
+                          "min_contact": min((r["min_contact"] for r in per), default=float("nan")),
+                          "reference_clusters_with_clashes": sum(n > 0 for n in refs)}
+        out["verdict"] = verdict(out["model"], out, out["clashes"])
         out["_predictions"] = preds
+        if refine is not None:
+            refined = [refine_positions(p, c, refine) for p, c in zip(preds, clusters)]
+            per_r = [{**evaluate_cluster(p, c["final"], c["species"], c["perms"]),
+                      **{k: intermolecular_clashes(p, c["species"])[k] for k in _CLASH_KEYS}}
+                     for p, c in zip(refined, clusters)]
+            out["model_refined"] = summarize(per_r)
+            for r, pr in zip(out["per_cluster"], per_r):
+                r.update({f"refined_{k}": pr[k] for k in ("pm_atom", "pm_atom_symmetry_aware", "rot_median_deg",
+                                                           "clashes")})
+            out["_refined"] = refined
     return out
+
+
+def refine_positions(pred: np.ndarray, cluster: dict, cfg) -> np.ndarray:
+    """Refine one predicted cluster ``(M, n, 3)`` (rigid poses recovered by Kabsch on the template)."""
+    from .refine import refine_cluster
+    from .so3 import kabsch_np
+
+    t = cluster["template"]
+    c = pred.mean(1)
+    R = np.stack([kabsch_np(t, x)[0] for x in pred])
+    res = refine_cluster(cluster["species"], t, c, R, cfg)
+    return np.einsum("mij,nj->mni", res.R, t) + res.c[:, None]
+
+
+def verdict(model: dict, floors: dict, clashes: dict) -> list[str]:
+    """Plain-language verdict of an assembly (one cluster or the means over a set).
+
+    Args:
+        model: metrics of the assembly (``pm_center``, ``pm_atom_symmetry_aware``), per cluster or averaged.
+        floors: ``{floor name: metrics}`` with the same keys (any mapping holding some of ``do_nothing``,
+            ``undo_mean_expansion``, ``centroid_oracle``; empty when no reference is known).
+        clashes: :func:`kflow_mol.metrics.intermolecular_clashes` of one cluster, or the set summary of
+            :func:`evaluate` (``clusters_with_clashes``, ``clashes_total``, ...).
+
+    Returns:
+        Lines: the clashes and the shortest contact first, then each PM against the floors ("better than" /
+        "no better than").
+    """
+    frac = clashes.get("clash_fraction", CLASH_FRACTION)
+    rule = f"atom pairs of different molecules closer than {frac:g} x their van der Waals sum"
+    if "clusters_with_clashes" in clashes:
+        n = clashes["clusters_with_clashes"]
+        lines = [f"clashes: {n} assembled cluster(s) have {rule} ({clashes['clashes_total']} pairs in all; "
+                 f"{clashes['reference_clusters_with_clashes']} reference cluster(s) have any); shortest "
+                 f"intermolecular contact {clashes['min_contact']:.2f} Å"]
+    else:
+        n = clashes["clashes"]
+        where = f", involving {clashes['clashing_molecules']} of {clashes['molecules']} molecules" if n else ""
+        lines = [f"clashes: {n or 'no'} {rule}{where}; shortest intermolecular contact "
+                 f"{clashes['min_contact']:.2f} Å ({clashes['min_contact_atoms']})"]
+    for key, label in (("pm_center", "centroids (PM-centre)"),
+                       ("pm_atom_symmetry_aware", "packing (PM-atom, symmetry-aware)")):
+        m = model.get(key)
+        parts = [f"{'better' if m < floors[name][key] else 'no better'} than {words} ({floors[name][key]:.2f} Å)"
+                 for name, words in _VERDICT_FLOORS.items()
+                 if m is not None and floors.get(name, {}).get(key) is not None
+                 and (key, name) != ("pm_center", "centroid_oracle")]  # its centroids are the truth
+        if parts:
+            lines.append(f"{label} {m:.2f} Å: " + ", ".join(parts))
+    return lines
+
+
+def clash_warning(name: str, clashes: dict) -> str | None:
+    """The stderr warning for an assembly with clashes (``None`` when there are none)."""
+    if "clusters_with_clashes" in clashes:
+        n = clashes["clusters_with_clashes"]
+        return (f"WARNING: {name}: {n} assembled cluster(s) have intermolecular clashes "
+                f"({clashes['clashes_total']} atom pairs): not physically plausible") if n else None
+    n = clashes["clashes"]
+    return (f"WARNING: {name}: {n} intermolecular clashes (shortest contact {clashes['min_contact']:.2f} Å, "
+            f"{clashes['min_contact_atoms']}): the assembled cluster is not physically plausible") if n else None
 
 
 def pm_histogram(result: dict, png: str | Path) -> None:
@@ -91,4 +181,4 @@ def public(result: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, default=float))
 
 
-__all__ = ["evaluate", "predict_clusters", "pm_histogram", "public"]
+__all__ = ["clash_warning", "evaluate", "predict_clusters", "pm_histogram", "public", "verdict"]

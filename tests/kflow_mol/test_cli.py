@@ -50,22 +50,36 @@ def test_evaluate_json(trained, small, capsys):
                 "undo_mean_expansion", "seconds_per_cluster", "num_clusters", "steps"):
         assert key in res
     for key in ("pm_atom", "pm_center", "pm_atom_valid_ratio", "pm_atom_perm_invariant", "pm_atom_symmetry_aware",
-                "collision", "separation", "collision_inter", "cluster_rmsd"):
+                "collision", "separation", "collision_inter", "cluster_rmsd", "clashes", "min_contact"):
         assert key in res["model"], key
+    c = res["clashes"]
+    assert c["clash_fraction"] == 0.75 and c["reference_clusters_with_clashes"] == 0
+    assert c["clusters_with_clashes"] == sum(r["clashes"] > 0 for r in res["per_cluster"])
+    assert c["min_contact"] == min(r["min_contact"] for r in res["per_cluster"])
+    assert res["verdict"][0].startswith("clashes: ") and "than the loose state" in res["verdict"][1]
 
 
-def test_assemble_cif_and_smiles(trained, small, tmp_path):
+def test_assemble_cif_and_smiles(trained, small, tmp_path, capsys):
     cif = sorted(small.glob("*.cif"))[0]
     out = tmp_path / "a"
+    capsys.readouterr()
     assert main(["assemble", str(cif), "--out", str(out), "--ckpt", str(trained / "model.pt"), "--steps", "3"]) == 0
     for name in ("assembled.cif", "assembled.extxyz", "trajectory.extxyz", "assembled.png", "metrics.json"):
         assert (out / name).exists(), name
     m = json.loads((out / "metrics.json").read_text())
     assert m["reference_known"] and "pm_atom" in m["model"] and "do_nothing" in m["floors"]
+    # the plain verdict: clashes and shortest contact (also of the reference), PM against the floors
+    assert {"clashes", "clashing_molecules", "min_contact", "min_contact_atoms"} <= set(m["clashes"])
+    assert m["reference_clashes"]["clashes"] == 0
+    cap = capsys.readouterr()
+    assert m["verdict"][0] in cap.out and "shortest intermolecular contact" in m["verdict"][0]
+    assert any("than undoing the mean expansion" in line for line in m["verdict"])
+    assert ("WARNING" in cap.err) == (m["clashes"]["clashes"] > 0)
     out2 = tmp_path / "b"
     assert main(["assemble", "--smiles", "Cc1ccccc1O", "--out", str(out2), "--ckpt", str(trained / "model.pt"),
                  "--steps", "2"]) == 0
-    assert not json.loads((out2 / "metrics.json").read_text())["reference_known"]
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert not m2["reference_known"] and "min_contact" in m2["clashes"] and len(m2["verdict"]) == 1
 
 
 def test_bad_inputs_give_clear_errors(trained, tmp_path, capsys):

@@ -186,3 +186,65 @@ def test_non_finite_prediction_is_invalid_not_a_crash():
     r2 = M.evaluate_cluster(far, true, z)
     s = M.summarize([r, r2, M.evaluate_cluster(true, true, z)])
     assert s["pm_atom_valid_ratio"] == pytest.approx(1 / 3) and s["pm_atom"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_intermolecular_clashes_hand_built():
+    """C-H molecules: one C...C pair at 2.0 A (< 0.75 * 3.4) clashes; a far third molecule does not."""
+    x = np.array([[[0.0, 0, 0], [1.09, 0, 0]],
+                  [[0.0, 2.0, 0], [1.09, 2.0, 0]],
+                  [[0.0, 0, 10.0], [1.09, 0, 10.0]]])
+    r = M.intermolecular_clashes(x, [6, 1])
+    assert r["clashes"] == 1 and r["clashing_molecules"] == 2
+    assert r["min_contact"] == pytest.approx(2.0) and r["min_contact_atoms"] == "C...C"
+    assert r["min_vdw_ratio"] == pytest.approx(2.0 / 3.4) and r["clash_fraction"] == 0.75
+    assert M.intermolecular_clashes(x, [6, 1], fraction=0.5)["clashes"] == 0
+    # apart, nothing clashes
+    x[1] += [0, 3.0, 0]
+    assert M.intermolecular_clashes(x, [6, 1])["clashes"] == 0
+
+
+def test_hydrogen_bond_is_not_a_clash_but_a_collapsed_one_is():
+    """O-H...O at H...O = 1.8 A (0.66 of the vdW sum, a normal hydrogen bond) is fine; at 1.4 A it clashes."""
+    def pair(h_o):
+        return np.array([[[0.0, 0, 0], [0.96, 0, 0]], [[0.96 + h_o, 0, 0], [1.92 + h_o, 0, 0]]])
+
+    ok = M.intermolecular_clashes(pair(1.8), [8, 1])
+    assert ok["clashes"] == 0 and ok["min_contact"] == pytest.approx(1.8) and ok["min_contact_atoms"] == "H...O"
+    assert M.intermolecular_clashes(pair(1.4), [8, 1])["clashes"] == 1
+    # the same distance between two carbons (no specific interaction) is a clash
+    assert M.intermolecular_clashes(pair(1.8), [6, 6])["clashes"] >= 1
+
+
+@pytest.mark.parametrize("name", ["ice", "resorcinol", "2000583"])
+def test_real_crystals_with_hydrogen_and_halogen_bonds_have_no_clashes(name):
+    from kflow_mol.cif import cluster_from_cif
+    from kflow_mol.dataset import mini_dir
+
+    rec = cluster_from_cif(mini_dir() / "cifs" / f"{name}.cif")
+    r = M.intermolecular_clashes(rec.final, rec.species)
+    assert r["clashes"] == 0 and r["min_vdw_ratio"] < 0.75  # short, specific contacts are present
+
+
+def test_clashes_of_non_finite_positions_are_nan_not_a_crash():
+    x = np.zeros((3, 2, 3))
+    x[1] += 5.0
+    x[2] = np.nan
+    r = M.intermolecular_clashes(x, [6, 1])
+    assert math.isnan(r["min_contact"])
+
+
+def test_verdict_and_warning_words():
+    from kflow_mol.evaluate import clash_warning, verdict
+
+    clash = {"clashes": 93, "clashing_molecules": 12, "molecules": 17, "min_contact": 0.29, "min_contact_atoms": "H...C",
+             "clash_fraction": 0.75}
+    floors = {"do_nothing": {"pm_center": 8.0, "pm_atom_symmetry_aware": 9.0},
+              "centroid_oracle": {"pm_center": 0.0, "pm_atom_symmetry_aware": 2.0}}
+    lines = verdict({"pm_center": 3.0, "pm_atom_symmetry_aware": 4.0}, floors, clash)
+    assert lines[0].startswith("clashes: 93 atom pairs of different molecules closer than 0.75 x")
+    assert "involving 12 of 17 molecules; shortest intermolecular contact 0.29 Å (H...C)" in lines[0]
+    assert lines[1] == "centroids (PM-centre) 3.00 Å: better than the loose state (8.00 Å)"
+    assert "better than the loose state (9.00 Å), no better than true centroids" in lines[2]
+    assert clash_warning("x", clash).startswith("WARNING: x: 93 intermolecular clashes")
+    assert clash_warning("x", {**clash, "clashes": 0}) is None
+    assert verdict({}, {}, {**clash, "clashes": 0})[0].startswith("clashes: no atom pairs")
