@@ -33,17 +33,28 @@ class UnsafeConfigError(InputError):
 def _bad_input_types(extra: tuple) -> tuple:
     import sys
 
-    types = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, *extra)
-    utils = sys.modules.get("kflow.utils")  # not imported = no checkpoint was read (and torch stays unloaded)
-    return types + (utils.CheckpointError,) if utils is not None else types
+    types = [InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError]
+    # error classes named "module.Class" count only once their module is loaded: naming them costs no import
+    for t in (*extra, "kflow.utils.CheckpointError"):
+        if isinstance(t, str):
+            module, _, name = t.rpartition(".")
+            t = getattr(sys.modules.get(module), name, None)
+        if t is not None:
+            types.append(t)
+    return tuple(types)
 
 
-def run_command(fn, args: Any, extra: list[str], bad_input: tuple[type[BaseException], ...] = ()) -> int:
+def run_command(fn, args: Any, extra: list[str], bad_input: tuple = ()) -> int:
     """Run a CLI command under the exit-code scheme of the module docstring.
 
-    Bad input (:class:`InputError`, missing files, unreadable checkpoints and the ``bad_input`` types the
-    CLI adds) becomes one ``error: ...`` line on stderr and :data:`EXIT_BAD_INPUT`; anything else is a bug
-    and propagates with its traceback (exit 1).
+    Args:
+        fn: ``fn(args, extra) -> exit code``.
+        bad_input: more exception types that mean bad input: classes, or ``"module.Class"`` names (checked
+            only if that module was imported, so naming one costs no import).
+
+    Bad input (:class:`InputError`, missing files, unreadable checkpoints and ``bad_input``) becomes one
+    ``error: ...`` line on stderr and :data:`EXIT_BAD_INPUT`; anything else is a bug and propagates with its
+    traceback (exit 1).
     """
     import sys
 
@@ -52,8 +63,23 @@ def run_command(fn, args: Any, extra: list[str], bad_input: tuple[type[BaseExcep
     except Exception as err:
         if not isinstance(err, _bad_input_types(bad_input)):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # one line, even when a library's message (hydra's, torch's) spans several
+        print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def check_device(name: str | None):
+    """The ``torch.device`` for ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``), checked before any work.
+
+    Raises:
+        InputError: an unknown name, or CUDA requested where none is available (one line, exit 2).
+    """
+    from kflow.utils import resolve_device
+
+    try:
+        return resolve_device(name or "auto")
+    except (RuntimeError, ValueError) as err:
+        raise InputError(str(err)) from None
 
 
 def configs_dir() -> Path:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from kflow.cli import InputError, check_targets, compose, configs_dir, instantiate, run_command, to_container
+from kflow.cli import (InputError, check_device, check_targets, compose, configs_dir, instantiate, run_command,
+                       to_container)
 
 CLASS_GROUPS = ("data", "model", "trainer")
 
@@ -175,8 +176,9 @@ def build_task(cfg: dict, event_shape, num_classes: int, fit_data=None, state_di
 def load_run(ckpt: str | Path, device: str = "auto") -> dict:
     """Rebuild codec, EMA model and task from a training checkpoint (``last.pt`` or its run folder)."""
     from kflow.train import load_model_weights
-    from kflow.utils import load_checkpoint, resolve_device
+    from kflow.utils import load_checkpoint
 
+    dev = check_device(device)
     path = Path(ckpt)
     if path.is_dir():
         path = path / "last.pt"
@@ -193,7 +195,6 @@ def load_run(ckpt: str | Path, device: str = "auto") -> dict:
     task = build_task(cfg, shape, int(info["num_classes"]), state_dict=info["task"])
     model = build_model(cfg["model"], shape, int(info["num_classes"]), cfg["task"]["prediction"])
     load_model_weights(model, path, use_ema=True)
-    dev = resolve_device(device)
     model.to(dev).eval()
     codec.to(dev).eval()
     task.to(dev)
@@ -248,7 +249,7 @@ def cmd_train(args, extra) -> int:
     from torch.utils.data import TensorDataset, default_collate
 
     from kflow.train import TrainConfig, Trainer
-    from kflow.utils import resolve_device, seed_everything
+    from kflow.utils import seed_everything
     from kflow_image.sampling import save_grid
 
     pre = []
@@ -267,6 +268,7 @@ def cmd_train(args, extra) -> int:
         pre += [f"trainer.device={args.device}"]
     cfg = to_container(_compose(extra, pre))
     tcfg = TrainConfig.from_dict(cfg["trainer"])
+    dev = check_device(tcfg.device)  # before the data is encoded: a missing GPU is reported at once
     seed_everything(tcfg.seed)  # the model's initial weights too: identical commands give identical runs
     codec = _make_codec(cfg["data"])
     data = load_image_data(cfg["data"], codec, progress=tcfg.progress and sys.stderr.isatty())
@@ -281,7 +283,6 @@ def cmd_train(args, extra) -> int:
     print(f"kflow-image train: {cfg['data']['name']} {len(z)} x {tuple(shape)} latents, {ncls} classes, "
           f"transform={_transform_name(cfg['transform'])} window={cfg['schedule'].get('window')}, "
           f"DiT {n_params / 1e6:.2f} M params -> {tcfg.run_dir}", file=sys.stderr)
-    dev = resolve_device(tcfg.device)
     task.to(dev)
     extra_state = {"image": {"codec": codec.state_dict(), "task": task.state_dict(), "event_shape": list(shape),
                              "num_classes": ncls}}

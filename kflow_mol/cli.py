@@ -10,12 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from kflow.cli import InputError, check_targets, compose, configs_dir, instantiate, run_command, to_container
-from kflow.utils import atomic_save, atomic_write_text, load_checkpoint
-
-from .data import BuildError
+# nothing heavy at module level (numpy, torch, RDKit, ASE load inside the commands): `--help` and argument
+# errors answer at once, and a missing file is reported before any of them loads
+from kflow.cli import (InputError, check_device, check_targets, compose, configs_dir, instantiate, run_command,
+                       to_container)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.pt"
 MODEL_FORMAT = "kflow-mol-model-v1"
@@ -70,6 +68,8 @@ def build_components(cfg) -> tuple:
 
 def export_model(path: Path, model, cfg: dict, info: dict) -> Path:
     """A self-describing inference file: config (JSON) + weights, loadable with ``weights_only=True``."""
+    from kflow.utils import atomic_save
+
     return atomic_save({"format": MODEL_FORMAT, "config": json.dumps(cfg), "info": json.dumps(info),
                         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
 
@@ -77,6 +77,8 @@ def export_model(path: Path, model, cfg: dict, info: dict) -> Path:
 def load_model(ckpt: str | Path | None, device="cpu"):
     """Load ``model.pt`` (or a run directory holding one); ``None`` = the shipped default model."""
     from omegaconf import OmegaConf
+
+    from kflow.utils import load_checkpoint
 
     p = Path(ckpt) if ckpt else DEFAULT_MODEL
     if p.is_dir():
@@ -99,14 +101,18 @@ def load_model(ckpt: str | Path | None, device="cpu"):
 # --------------------------------------------------------------------------- commands
 def cmd_train(args, extra) -> int:
     from kflow.train import Trainer, TrainConfig
-    from kflow.utils import seed_everything
+    from kflow.utils import atomic_write_text, seed_everything
 
     from .dataset import load_prepared, split_indices
     from .evaluate import evaluate, pm_histogram, public
     from .task import Collator
 
     cfg = compose("mol", _overrides(args, extra))
-    tcfg = TrainConfig.from_dict({k: v for k, v in to_container(cfg.trainer).items() if k != "_target_"})
+    try:
+        tcfg = TrainConfig.from_dict({k: v for k, v in to_container(cfg.trainer).items() if k != "_target_"})
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    check_device(tcfg.device)  # before the data is cut: a missing GPU is reported at once
     seed_everything(tcfg.seed)  # the model's initial weights too: identical commands give identical runs
     model, task, noise = build_components(cfg)
     clusters, report = load_prepared(cfg.data.name, cfg.data.root, noise, seed=cfg.data.split_seed)
@@ -162,7 +168,8 @@ def cmd_evaluate(args, extra) -> int:
     from .dataset import load_prepared, split_indices
     from .evaluate import evaluate, public
 
-    model, task, noise, cfg, info, p = load_model(args.ckpt, args.device or "cpu")
+    device = check_device(args.device or "cpu")
+    model, task, noise, cfg, info, p = load_model(args.ckpt, device)
     data = args.data or cfg.data.name
     ov = compose("mol", _overrides(args, extra))
     clusters, report = load_prepared(data, args.data_root or ov.data.root, noise, seed=int(ov.data.split_seed))
@@ -171,7 +178,7 @@ def cmd_evaluate(args, extra) -> int:
     if args.limit:
         clusters = clusters[: args.limit]
     res = evaluate(model, task, clusters, steps=args.steps or int(cfg.solver.steps),
-                   method=args.method or cfg.solver.method, device=args.device or "cpu",
+                   method=args.method or cfg.solver.method, device=device,
                    expansion_mean=float(noise.expansion_mean), progress=not args.json)
     res.update(checkpoint=str(p), data=data, split=args.split, trained_on=info.get("data"))
     if args.json:
@@ -191,18 +198,56 @@ def _warn_clashes(name: str, res: dict) -> None:
         print(warning, file=sys.stderr)
 
 
+INPUT_TYPES = "CIF, official CSV, XYZ/extxyz/PDB cluster, SDF/MOL/XYZ molecule"
+_INPUT_SUFFIXES = (".cif", ".csv", ".sdf", ".mol", ".mol2", ".xyz", ".extxyz", ".pdb")
+
+
+def _input_file(path: str) -> Path:
+    """``path`` if it is an existing file of a supported type, else :class:`InputError` (no heavy import)."""
+    src = Path(path)
+    if src.is_dir():
+        raise InputError(f"{src} is a directory: give one file ({INPUT_TYPES}); for a folder of CIFs use "
+                         f"`kflow-mol build-dataset --cif-dir {src}` or `--data {src}`")
+    if not src.exists():
+        raise InputError(f"input {src} does not exist")
+    if src.suffix.lower() not in _INPUT_SUFFIXES:
+        raise InputError(f"{src}: unsupported input type '{src.suffix}' ({INPUT_TYPES}, or --smiles)")
+    return src
+
+
+def _check_args(args) -> None:
+    """Cheap checks of paths and numbers, before anything heavy loads: bad input is reported at once."""
+    if args.cmd == "assemble" and bool(args.input) == bool(args.smiles):
+        raise InputError("give either an INPUT file or --smiles")
+    if getattr(args, "input", None):
+        _input_file(args.input)
+    ckpt = getattr(args, "ckpt", None)
+    if ckpt and not Path(ckpt).exists():
+        raise InputError(f"checkpoint {ckpt} not found: pass a run's model.pt or its run directory")
+    for flag in ("cif_dir", "data_root"):
+        d = getattr(args, flag, None)
+        if d and not Path(d).is_dir():
+            raise InputError(f"--{flag.replace('_', '-')} {d} is not a directory")
+    if args.cmd == "assemble" and Path(args.out).is_file():
+        raise InputError(f"--out {args.out} is a file: give a folder")
+    for flag, low in (("steps", 1), ("workers", 1), ("max_atoms", 1), ("limit", 0)):
+        v = getattr(args, flag, None)
+        if v is not None and v < low:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+
+
 def _cluster_input(args):
     """The record to assemble, whether it has a known reference, and a short description."""
+    import numpy as np
+
     from .cif import cluster_from_cif
-    from .data import ClusterRecord
+    from .data import BuildError, ClusterRecord
     from .io import molecule_from_smiles, read_cluster_xyz, read_raw_pair, read_single_molecule
 
     if args.smiles:
         species, pos = molecule_from_smiles(args.smiles, seed=args.seed)
         return _single(species, pos, "smiles"), False
-    src = Path(args.input)
-    if not src.exists():
-        raise InputError(f"input {src} does not exist")
+    src = _input_file(args.input)
     suf = src.suffix.lower()
     if suf == ".cif":
         return cluster_from_cif(src), True
@@ -213,20 +258,19 @@ def _cluster_input(args):
     if suf in (".sdf", ".mol", ".mol2"):
         species, pos = read_single_molecule(src)
         return _single(species, pos, src.stem), False
-    if suf in (".xyz", ".extxyz", ".pdb"):
-        try:
-            species, pos = read_cluster_xyz(src)
-            rec = ClusterRecord(src.stem, np.asarray(species), np.asarray(pos), np.asarray(pos), {"source": str(src)})
-            return rec, "loose-only"
-        except BuildError:
-            species, pos = read_single_molecule(src)
-            return _single(species, pos, src.stem), False
-    raise InputError(f"{src}: unsupported input type '{suf}' (CIF, official CSV, XYZ/extxyz/PDB cluster, "
-                     f"SDF/MOL/XYZ molecule, or --smiles)")
+    try:  # .xyz, .extxyz, .pdb: a 17-molecule cluster, else one molecule
+        species, pos = read_cluster_xyz(src)
+        rec = ClusterRecord(src.stem, np.asarray(species), np.asarray(pos), np.asarray(pos), {"source": str(src)})
+        return rec, "loose-only"
+    except BuildError:
+        species, pos = read_single_molecule(src)
+        return _single(species, pos, src.stem), False
 
 
 def _single(species, pos, name):
     """A single molecule: 17 copies on a loose cubic-ish arrangement to be packed (no reference)."""
+    import numpy as np
+
     from .data import ClusterRecord
 
     pos = np.asarray(pos, dtype=np.float64)
@@ -239,6 +283,10 @@ def _single(species, pos, name):
 
 
 def cmd_assemble(args, extra) -> int:
+    import numpy as np
+
+    from kflow.utils import atomic_write_text
+
     from .dataset import prepare
     from .evaluate import verdict
     from .io import write_cluster_cif, write_xyz
@@ -247,10 +295,9 @@ def cmd_assemble(args, extra) -> int:
     from .render import render_clusters
     from .task import make_batch
 
-    if not args.input and not args.smiles:
-        raise InputError("give an INPUT file or --smiles")
-    model, task, noise, cfg, info, p = load_model(args.ckpt, args.device or "cpu")
-    record, known = _cluster_input(args)
+    device = check_device(args.device or "cpu")
+    record, known = _cluster_input(args)  # a bad input is reported before the model loads
+    model, task, noise, cfg, info, p = load_model(args.ckpt, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if known is True and record.initial is None:
@@ -258,12 +305,12 @@ def cmd_assemble(args, extra) -> int:
     prep = prepare(record, noise, seed=args.seed)
     if known == "loose-only":
         prep["initial"] = np.asarray(record.initial)
-    batch = make_batch([prep])
+    batch = make_batch([prep]).to(device)
     res = task.sample(model, batch, steps=args.steps or int(cfg.solver.steps), method=cfg.solver.method,
                       return_trajectory=True)
     n = len(prep["species"])
-    pos = res["positions"][0, :, :n].double().numpy()
-    traj = [t[0, :, :n].double().numpy() for t in res["trajectory"]]
+    pos = res["positions"][0, :, :n].double().cpu().numpy()
+    traj = [t[0, :, :n].double().cpu().numpy() for t in res["trajectory"]]
     species = prep["species"]
     write_xyz(out / "assembled.extxyz", species, pos, comment=f"kflow-mol assembled {record.id}")
     write_cluster_cif(out / "assembled.cif", species, pos)
@@ -304,6 +351,8 @@ def cmd_build(args, extra) -> int:
 
 
 def cmd_inspect(args, extra) -> int:
+    import numpy as np
+
     from .dataset import prepare
     from .metrics import oracle_floors
     from .render import render_clusters
@@ -389,10 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; exit codes: 0 ok, 2 bad input (one ``error:`` line on stderr), 1 internal failure."""
+    """Entry point; exit codes: 0 ok, 2 bad input (one ``error:`` line on stderr), 1 internal failure
+    (see :mod:`kflow.cli`)."""
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
-    return run_command(args.fn, args, extra, bad_input=(BuildError,))
+    return run_command(_run, args, extra, bad_input=("kflow_mol.data.BuildError",))
+
+
+def _run(args, extra) -> int:
+    _check_args(args)
+    return args.fn(args, extra)
 
 
 if __name__ == "__main__":

@@ -319,12 +319,13 @@ def read_single_molecule(path, add_hydrogens: bool = True):
     """
     path = Path(path)
     if path.suffix.lower() in (".sdf", ".mol", ".mdl"):
-        from rdkit import Chem
+        from rdkit import Chem, rdBase
 
-        if path.suffix.lower() == ".sdf":
-            mol = next(iter(Chem.SDMolSupplier(str(path), removeHs=False)), None)
-        else:
-            mol = Chem.MolFromMolFile(str(path), removeHs=False)
+        with rdBase.BlockLogs():  # a one-line error instead of RDKit's log
+            if path.suffix.lower() == ".sdf":
+                mol = next(iter(Chem.SDMolSupplier(str(path), removeHs=False)), None)
+            else:
+                mol = Chem.MolFromMolFile(str(path), removeHs=False)
         if mol is None or mol.GetNumConformers() == 0:
             raise BuildError(path, "bad_input", "RDKit could not read a 3-D molecule from the file")
         if add_hydrogens and not any(a.GetAtomicNum() == 1 for a in mol.GetAtoms()):
@@ -351,12 +352,14 @@ def molecule_from_smiles(smiles: str, seed: int = 0):
     Raises:
         BuildError: ``bad_input`` for an invalid SMILES or a failed embedding.
     """
-    from rdkit import Chem
+    from rdkit import Chem, rdBase
     from rdkit.Chem import AllChem
 
-    mol = Chem.MolFromSmiles(smiles)
+    with rdBase.BlockLogs():  # RDKit's own multi-line parse log would precede our one-line error
+        mol = Chem.MolFromSmiles(smiles)
     if mol is None:
-        raise BuildError(f"SMILES '{smiles}'", "bad_input", "RDKit cannot parse the SMILES")
+        raise BuildError(f"SMILES '{smiles}'", "bad_input", "RDKit cannot parse the SMILES (check brackets, "
+                         "ring-closure digits, element symbols and valences)")
     mol = Chem.AddHs(mol)
     params = AllChem.ETKDGv3()
     params.randomSeed = int(seed)

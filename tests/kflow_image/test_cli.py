@@ -142,3 +142,15 @@ def test_training_is_reproducible_and_resume_is_exact(tmp_path):
     shutil.copy(a / "step_0000002.pt", c / "last.pt")
     assert main([*args, "--run-dir", str(c), "--resume"]) == 0
     same(weights(a), weights(c))
+
+
+def test_unavailable_device_is_one_line(trained, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(trained), "--out", str(tmp_path / "g.png"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]
+    assert main(["train", "--run-dir", str(tmp_path / "r"), *TINY, "trainer.device=cuda"]) == 2

@@ -167,3 +167,70 @@ def test_training_is_reproducible_and_resume_is_exact(small, tmp_path):
     shutil.copy(a / "step_0000002.pt", c / "last.pt")
     assert main([*args, "--run-dir", str(c), "--resume"]) == 0
     _assert_bitwise_equal(_weights(a), _weights(c))
+
+
+def _bad_invocations(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["assemble", str(tmp_path / "missing.cif")], "does not exist"),
+        (["assemble", str(tmp_path)], "is a directory: give one file"),
+        (["inspect", str(tmp_path)], "is a directory: give one file"),
+        (["assemble", str(tmp_path / "notes.txt")], "unsupported input type '.txt'"),
+        (["assemble", "--smiles", "C1CC("], "RDKit cannot parse the SMILES"),
+        (["assemble"], "give either an INPUT file or --smiles"),
+        (["assemble", str(tmp_path / "missing.cif"), "--smiles", "CCO"], "give either an INPUT file or --smiles"),
+        (["assemble", "--smiles", "CCO", "--out", str(tmp_path / "afile")], "is a file: give a folder"),
+        (["assemble", "--smiles", "CCO", "--steps", "0"], "--steps must be >= 1"),
+        (["evaluate", "--ckpt", str(tmp_path / "none.pt")], "not found"),
+        (["build-dataset", "--cif-dir", str(tmp_path / "nodir"), "--out", str(tmp_path / "o")], "is not a directory"),
+        (["train", "--data", "cod17-mini", "oops"], "hydra overrides look like key=value"),
+        (["train", "--data", "cod17-mini", "trainer.nosuchkey=1"], "bad config override"),
+        (["train", "--data", "cod17-mini", "trainer.steps=0"], "steps must be >= 1"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases += [(["assemble", "--smiles", "CCO", "--device", "cuda"], "CUDA is not available"),
+                  (["train", "--data", "cod17-mini", "--device", "cuda", "--run-dir", str(tmp_path / "r")],
+                   "CUDA is not available")]
+    return cases
+
+
+def test_bad_input_exit_code_2_and_one_line(tmp_path, capfd):
+    """Exit-code scheme: every bad input gives exit 2 and exactly one `error:` line on stderr (file-descriptor
+    level, so RDKit's own log would show), nothing on stdout."""
+    for argv, fragment in _bad_invocations(tmp_path):
+        rc = main(argv)
+        out, err = capfd.readouterr()
+        lines = err.strip().splitlines()
+        assert rc == 2, (argv, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (argv, err)
+        assert not out.strip(), (argv, out)
+
+
+def test_internal_failure_propagates_for_exit_code_1():
+    """A bug is not disguised as bad input: run_command re-raises it (Python then exits 1 with the traceback)."""
+    from kflow.cli import InputError, run_command
+
+    def bug(args, extra):
+        raise KeyError("oops")
+
+    with pytest.raises(KeyError):
+        run_command(bug, None, [])
+    assert run_command(lambda a, e: (_ for _ in ()).throw(InputError("bad")), None, []) == 2
+
+
+def test_argument_errors_and_help_answer_before_heavy_imports(tmp_path):
+    """`--help` and a missing file are answered before torch, numpy, RDKit or ASE are imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom kflow_mol.cli import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print([m for m in ('torch', 'numpy', 'rdkit', 'ase', 'hydra') if m in sys.modules])\nsys.exit(rc)")
+    for argv, rc in ([["--help"], 0], [["assemble", "--help"], 0], [["assemble", str(tmp_path / "foo.cif")], 2],
+                     [["inspect", str(tmp_path)], 2]):
+        res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        assert res.returncode == rc, res.stderr
+        assert res.stdout.strip().splitlines()[-1] == "[]", (argv, res.stdout)
