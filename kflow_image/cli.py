@@ -189,11 +189,15 @@ def load_run(ckpt: str | Path, device: str = "auto") -> dict:
         raise InputError(f"{path} is not a kflow-image checkpoint (no image state)")
     check_targets(cfg, str(path))  # checkpoints are shared: build only this package's own classes
     info = extra["image"]
-    codec = _make_codec(cfg["data"])
-    codec.load_state_dict(info["codec"])
-    shape = tuple(int(s) for s in info["event_shape"])
-    task = build_task(cfg, shape, int(info["num_classes"]), state_dict=info["task"])
-    model = build_model(cfg["model"], shape, int(info["num_classes"]), cfg["task"]["prediction"])
+    try:
+        codec = _make_codec(cfg["data"])
+        codec.load_state_dict(info["codec"])
+        shape = tuple(int(s) for s in info["event_shape"])
+        task = build_task(cfg, shape, int(info["num_classes"]), state_dict=info["task"])
+        model = build_model(cfg["model"], shape, int(info["num_classes"]), cfg["task"]["prediction"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # missing keys, wrong shapes or types
+        raise InputError(f"{path}: damaged checkpoint: its stored config and state do not rebuild a model "
+                         f"({type(err).__name__}: {str(err)[:300]})") from None
     load_model_weights(model, path, use_ema=True)
     model.to(dev).eval()
     codec.to(dev).eval()

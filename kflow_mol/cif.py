@@ -43,7 +43,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 
-from .data import N_MOLECULES, BuildError, ClusterRecord
+from .data import N_MOLECULES, OVERLAP_DISTANCE, BuildError, ClusterRecord
 from .frames import frame_from_vectors
 from .so3 import kabsch_np
 
@@ -51,7 +51,6 @@ from .so3 import kabsch_np
 ORGANIC_ELEMENTS = frozenset({"H", "B", "C", "N", "O", "F", "Si", "P", "S", "Cl", "Se", "Br", "I"})
 
 BOND_TOLERANCE = 0.4  # A added to the sum of covalent radii (the CSD convention)
-OVERLAP_DISTANCE = 0.5  # A: two atoms this close are alternative (disordered) positions
 # A: a copy must be a rigid image of the template within this RMSD. 0.15 A accepts near-achiral molecules
 # whose crystal conformation is very slightly chiral (e.g. a pyramidal NH2 on a planar ring: 0.07-0.1 A)
 # and Z' = 2 copies of rigid molecules (0.05 A); real conformer differences are >> 0.2 A.

@@ -76,7 +76,9 @@ def export_model(path: Path, model, cfg: dict, info: dict) -> Path:
 
 def load_model(ckpt: str | Path | None, device="cpu"):
     """Load ``model.pt`` (or a run directory holding one); ``None`` = the shipped default model."""
+    from hydra.errors import InstantiationException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from kflow.utils import load_checkpoint
 
@@ -90,12 +92,25 @@ def load_model(ckpt: str | Path | None, device="cpu"):
     blob = load_checkpoint(p)
     if blob.get("format") != MODEL_FORMAT:
         raise InputError(f"{p} is not a kflow-mol model file (expected model.pt written by `kflow-mol train`)")
-    stored = json.loads(blob["config"])
+    try:
+        stored, info = json.loads(blob["config"]), json.loads(blob.get("info") or "{}")
+        if not isinstance(stored, dict) or not isinstance(info, dict):
+            raise TypeError("config and info must be JSON objects")
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{p}: damaged model file: unreadable config ({type(err).__name__}: {err})") from None
     check_targets(stored, str(p))  # model files are shared: build only this package's own classes
     cfg = OmegaConf.create(stored)
-    model, task, noise = build_components(cfg)
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), task, noise, cfg, json.loads(blob["info"]), p
+    try:
+        model, task, noise = build_components(cfg)
+    except (InstantiationException, OmegaConfBaseException, KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{p}: its config does not describe a model this version can build "
+                         f"({type(err).__name__}: {err})") from None
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise InputError(f"{p}: damaged model file: the weights do not match the model its config describes "
+                         f"({type(err).__name__}: {str(err)[:300]})") from None
+    return model.to(device).eval(), task, noise, cfg, info, p
 
 
 # --------------------------------------------------------------------------- commands
@@ -121,7 +136,8 @@ def cmd_train(args, extra) -> int:
     val = [clusters[i] for i in split["val"]][: max(cfg.eval_clusters, 0) or None]
     test = [clusters[i] for i in split["test"]]
     resample = bool(cfg.data.resample_loose) and report.get("kind") == "cif"
-    print(f"data {cfg.data.name}: {len(clusters)} clusters ({len(report['rejected'])} inputs rejected), "
+    rejected = _report_rejections(cfg.data.name, report)
+    print(f"data {cfg.data.name}: {len(clusters)} clusters ({rejected['count']} inputs rejected), "
           f"split train/val/test = {len(train)}/{len(val)}/{len(test)}; model "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; run dir {tcfg.run_dir}", file=sys.stderr)
 
@@ -148,6 +164,7 @@ def cmd_train(args, extra) -> int:
         res = evaluate(ema, task, test, steps=int(cfg.solver.steps), method=cfg.solver.method,
                        grid=cfg.solver.grid, device=trainer.device,
                        expansion_mean=float(cfg.noise.expansion_mean))
+        res["rejected"] = rejected
         atomic_write_text(run / "test_metrics.json", json.dumps(public(res), indent=1))
         pm_histogram(res, run / "pm_hist.png")
         print("\n".join([_summary_line("test", res), *res["verdict"]]), file=sys.stderr)
@@ -173,6 +190,7 @@ def cmd_evaluate(args, extra) -> int:
     data = args.data or cfg.data.name
     ov = compose("mol", _overrides(args, extra))
     clusters, report = load_prepared(data, args.data_root or ov.data.root, noise, seed=int(ov.data.split_seed))
+    rejected = _report_rejections(data, report)
     if args.split != "all":
         clusters = [clusters[i] for i in split_indices(len(clusters), int(ov.data.split_seed))[args.split]]
     if args.limit:
@@ -180,13 +198,25 @@ def cmd_evaluate(args, extra) -> int:
     res = evaluate(model, task, clusters, steps=args.steps or int(cfg.solver.steps),
                    method=args.method or cfg.solver.method, device=device,
                    expansion_mean=float(noise.expansion_mean), progress=not args.json)
-    res.update(checkpoint=str(p), data=data, split=args.split, trained_on=info.get("data"))
+    res.update(checkpoint=str(p), data=data, split=args.split, trained_on=info.get("data"), rejected=rejected)
     if args.json:
         print(json.dumps(public(res)))
     else:
         print("\n".join([_summary_line(args.split, res), *res["verdict"]]))
     _warn_clashes(f"{data} {args.split}", res)
     return 0
+
+
+def _report_rejections(data: str, report: dict) -> dict:
+    """Rejected inputs of a dataset: one stderr line (count, reasons, the first message) and the JSON summary."""
+    from .dataset import rejection_summary
+
+    rej = rejection_summary(report.get("rejected", []))
+    if rej["count"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in rej["by_reason"].items())
+        print(f"warning: {data}: {rej['count']} input(s) rejected ({reasons}); first: {rej['items'][0]['message']}",
+              file=sys.stderr)
+    return rej
 
 
 def _warn_clashes(name: str, res: dict) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 N_MOLECULES = 17
+MAX_COORDINATE = 1e4  # Å: a cluster spans tens of Å; larger values are corrupt numbers (and overflow the maths)
+OVERLAP_DISTANCE = 0.5  # Å: atoms this close are alternative (disordered) or duplicated positions
 
 # Element symbols indexed by atomic number (index 0 is a placeholder), from ASE so that every module agrees.
 from ase.data import atomic_numbers as _ATOMIC_NUMBERS
@@ -76,6 +78,20 @@ class BuildError(ValueError):
         return (BuildError, (self.path, self.reason, self.detail))
 
 
+def check_coordinates(path, positions, what: str = "coordinates", reason: str = "bad_input") -> np.ndarray:
+    """``positions`` as float64 if all are finite and within ``±MAX_COORDINATE`` Å, else :class:`BuildError`.
+
+    Every reader calls it, so a NaN or a 1e300 is reported as bad input instead of failing deep in the maths.
+    """
+    x = np.asarray(positions, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise BuildError(path, reason, f"{what}: non-finite coordinates")
+    big = float(np.abs(x).max(initial=0.0))
+    if big > MAX_COORDINATE:
+        raise BuildError(path, reason, f"{what}: a coordinate of {big:.3g} Å (limit ±{MAX_COORDINATE:g} Å)")
+    return x
+
+
 def symbols_to_numbers(symbols) -> np.ndarray:
     """Element symbols -> atomic numbers, shape ``(n,)`` int64. Raises ``KeyError`` on an unknown symbol."""
     return np.array([_ATOMIC_NUMBERS[s] for s in symbols], dtype=np.int64)
@@ -116,7 +132,8 @@ class ClusterRecord:
         return int(np.asarray(self.species).shape[0])
 
     def validate(self) -> ClusterRecord:
-        """Check shapes, dtypes and finiteness; raise :class:`BuildError` (reason ``bad_input``) if wrong.
+        """Check shapes, dtypes, coordinates (:func:`check_coordinates`) and that no two final molecules overlap;
+        raise :class:`BuildError` (reason ``bad_input``) if wrong.
 
         Returns:
             self (so it can be chained).
@@ -138,6 +155,12 @@ class ClusterRecord:
             if x.shape != (N_MOLECULES, n, 3):
                 raise BuildError(src, "bad_input",
                                  f"{name} must have shape ({N_MOLECULES}, {n}, 3), got {x.shape}")
-            if not np.all(np.isfinite(x)):
-                raise BuildError(src, "bad_input", f"{name} has non-finite coordinates")
+            check_coordinates(src, x, name)
+        x = np.asarray(self.final, dtype=np.float64)
+        for i in range(N_MOLECULES - 1):  # the reference must be 17 distinct molecules, not stacked copies
+            d = np.linalg.norm(x[i][:, None, None] - x[i + 1:][None], axis=-1).min(axis=(0, 2))
+            if d.min() < OVERLAP_DISTANCE:
+                j = i + 1 + int(d.argmin())
+                raise BuildError(src, "bad_input", f"final molecules {i} and {j} overlap (atoms {d.min():.2f} Å "
+                                 f"apart, < {OVERLAP_DISTANCE} Å)")
         return self

@@ -102,13 +102,19 @@ def load_records(source: DataSource, progress: bool = True) -> tuple[list[Cluste
     from .io import list_raw_ids, read_raw_pair
 
     records, rejected = [], []
+
+    def read(item_id, fn, *args):
+        try:
+            records.append(fn(*args))
+        except BuildError as err:
+            rejected.append({"id": item_id, "reason": err.reason, "message": str(err)})
+        except Exception as err:  # noqa: BLE001 -- one bad file must never stop the rest of a batch
+            rejected.append({"id": item_id, "reason": "error", "message": f"{item_id}: {type(err).__name__}: {err}"})
+
     if source.kind == "raw":
         ids = source.ids if source.ids is not None else list_raw_ids(source.path)
         for cid in ids:
-            try:
-                records.append(read_raw_pair(source.path, cid))
-            except BuildError as err:
-                rejected.append({"id": cid, "reason": err.reason, "message": str(err)})
+            read(cid, read_raw_pair, source.path, cid)
         return records, rejected
     from .cif import cluster_from_cif
 
@@ -119,11 +125,16 @@ def load_records(source: DataSource, progress: bool = True) -> tuple[list[Cluste
 
         it = tqdm(files, desc=f"cutting clusters ({source.name})", leave=False)
     for f in it:
-        try:
-            records.append(cluster_from_cif(f))
-        except BuildError as err:
-            rejected.append({"id": f.stem, "reason": err.reason, "message": str(err)})
+        read(f.stem, cluster_from_cif, f)
     return records, rejected
+
+
+def rejection_summary(rejected: list[dict]) -> dict:
+    """``{"count", "by_reason": {reason: count}, "items": rejected}`` of a dataset report's rejections."""
+    by: dict[str, int] = {}
+    for r in rejected:
+        by[r["reason"]] = by.get(r["reason"], 0) + 1
+    return {"count": len(rejected), "by_reason": dict(sorted(by.items())), "items": list(rejected)}
 
 
 def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0) -> dict:
@@ -165,8 +176,8 @@ def load_prepared(data: str, data_root=None, noise_cfg=None, seed: int = 0, cach
     for r in records:
         try:
             clusters.append(prepare(r, noise_cfg, seed))
-        except (BuildError, ValueError, RuntimeError) as err:
-            rejected.append({"id": r.id, "reason": "prepare_failed", "message": str(err)})
+        except Exception as err:  # noqa: BLE001 -- one bad cluster must never stop the rest
+            rejected.append({"id": r.id, "reason": "prepare_failed", "message": f"{r.id}: {type(err).__name__}: {err}"})
     if not clusters:
         raise BuildError(str(source.path), "empty_dataset",
                          f"no usable cluster in {source.path} ({len(rejected)} rejected; first: "

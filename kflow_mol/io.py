@@ -16,14 +16,14 @@
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
 from kflow.utils import atomic_write_text
 
-from .data import N_MOLECULES, BuildError, ClusterRecord, numbers_to_symbols, symbols_to_numbers
+from .data import (N_MOLECULES, BuildError, ClusterRecord, check_coordinates, numbers_to_symbols,
+                   symbols_to_numbers)
 from .so3 import kabsch_np
 
 HEADER = "mol_idx,atom_type,x,y,z"
@@ -44,7 +44,16 @@ def raw_dir(root) -> Path:
 
 
 def raw_paths(root, cluster_id: str) -> tuple[Path, Path]:
-    """``(final_csv, initial_csv)`` paths of one cluster id under a dataset root."""
+    """``(final_csv, initial_csv)`` paths of one cluster id under a dataset root.
+
+    Raises:
+        BuildError: ``bad_input`` for an id that is not a plain file-name stem (an absolute path or ``..`` in an
+            id list must not read files from outside the data root).
+    """
+    cid = str(cluster_id)
+    if not cid or cid in (".", "..") or any(c in cid for c in "/\\\0") or Path(cid).is_absolute():
+        raise BuildError(root, "bad_input", f"cluster id {cid!r} is not a plain name: ids are file-name stems "
+                         f"under <root>/raw/{FINAL_DIR}")
     r = raw_dir(root)
     return r / FINAL_DIR / f"{cluster_id}{FINAL_SUFFIX}", r / INITIAL_DIR / f"{cluster_id}{INITIAL_SUFFIX}"
 
@@ -90,9 +99,11 @@ def read_csv(path, n_molecules: int = N_MOLECULES) -> tuple[np.ndarray, np.ndarr
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise BuildError(path, "bad_csv", f"cannot read file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise BuildError(path, "bad_csv", f"not UTF-8 text (byte {e.start}: {e.reason})") from None
     lines = text.splitlines()
     if not lines or lines[0].strip().lstrip("\ufeff") != HEADER:
         got = lines[0].strip()[:60] if lines else "<empty file>"
@@ -117,8 +128,7 @@ def read_csv(path, n_molecules: int = N_MOLECULES) -> tuple[np.ndarray, np.ndarr
             xyz = [float(v) for v in parts[2:]]
         except ValueError:
             raise BuildError(path, "bad_csv", f"line {ln}: coordinates {parts[2:]} are not numbers") from None
-        if not all(math.isfinite(v) for v in xyz):
-            raise BuildError(path, "bad_csv", f"line {ln}: non-finite coordinate")
+        check_coordinates(path, xyz, f"line {ln}", reason="bad_csv")
         g = groups.setdefault(m, ([], []))
         g[0].append(sym)
         g[1].append(xyz)
@@ -177,7 +187,7 @@ def read_raw_pair(root, cluster_id: str, require_initial: bool = False,
         raise BuildError(ipath, "bad_csv", "file not found (official layout: "
                          f"<root>/raw/{INITIAL_DIR}/<id>{INITIAL_SUFFIX})")
     return ClusterRecord(id=cluster_id, species=species, final=final, initial=initial,
-                         meta={"source": str(fpath)})
+                         meta={"source": str(fpath)}).validate()
 
 
 def write_raw_pair(root, record: ClusterRecord) -> tuple[Path, Path | None]:
@@ -262,7 +272,7 @@ def read_cluster_xyz(path, n_molecules: int = N_MOLECULES, tol: float = 0.05):
     except Exception as e:  # noqa: BLE001 - ASE raises many types
         raise BuildError(path, "bad_input", f"cannot read with ASE: {type(e).__name__}: {e}") from None
     Z = atoms.get_atomic_numbers()
-    X = atoms.get_positions()
+    X = check_coordinates(path, atoms.get_positions())
     N = len(Z)
     if "mol_idx" in atoms.arrays:
         mi = atoms.arrays["mol_idx"].astype(int)
@@ -331,7 +341,7 @@ def read_single_molecule(path, add_hydrogens: bool = True):
         if add_hydrogens and not any(a.GetAtomicNum() == 1 for a in mol.GetAtoms()):
             mol = Chem.AddHs(mol, addCoords=True)
         z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
-        return z, mol.GetConformer().GetPositions().astype(np.float64)
+        return z, check_coordinates(path, mol.GetConformer().GetPositions())
     from ase.io import read
 
     try:
@@ -340,7 +350,7 @@ def read_single_molecule(path, add_hydrogens: bool = True):
         raise BuildError(path, "bad_input", f"cannot read with ASE: {type(e).__name__}: {e}") from None
     if len(atoms) == 0:
         raise BuildError(path, "bad_input", "no atoms")
-    return atoms.get_atomic_numbers().astype(np.int64), atoms.get_positions().astype(np.float64)
+    return atoms.get_atomic_numbers().astype(np.int64), check_coordinates(path, atoms.get_positions())
 
 
 def molecule_from_smiles(smiles: str, seed: int = 0):

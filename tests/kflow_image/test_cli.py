@@ -154,3 +154,25 @@ def test_unavailable_device_is_one_line(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA is not available" in err[0]
     assert main(["train", "--run-dir", str(tmp_path / "r"), *TINY, "trainer.device=cuda"]) == 2
+
+
+def test_damaged_checkpoints_are_one_line_exit_2(trained, tmp_path, capsys):
+    import torch
+
+    from kflow.utils import load_checkpoint
+
+    raw = (trained / "last.pt").read_bytes()
+    blob = load_checkpoint(trained / "last.pt")
+    files = {"zero_byte": b"", "truncated": raw[: len(raw) // 2]}
+    for name, data in files.items():
+        (tmp_path / f"{name}.pt").write_bytes(data)
+    no_data = {**blob, "run_config": {k: v for k, v in blob["run_config"].items() if k != "data"}}
+    torch.save(no_data, tmp_path / "no_data.pt")
+    wrong = {**blob, "model": {k: v[..., :1] for k, v in blob["model"].items()}, "ema": None}
+    torch.save(wrong, tmp_path / "wrong_weights.pt")
+    for name in ("zero_byte", "truncated", "no_data", "wrong_weights"):
+        path = tmp_path / f"{name}.pt"
+        capsys.readouterr()
+        rc = main(["sample", "--ckpt", str(path), "--out", str(tmp_path / "g.png"), "--n", "2", "--steps", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and str(path) in err[0], (name, err)

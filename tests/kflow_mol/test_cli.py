@@ -234,3 +234,130 @@ def test_argument_errors_and_help_answer_before_heavy_imports(tmp_path):
         res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
         assert res.returncode == rc, res.stderr
         assert res.stdout.strip().splitlines()[-1] == "[]", (argv, res.stdout)
+
+
+def _bad_model_files(d):
+    """Crafted damaged model files: (name, path)."""
+    import torch
+
+    from kflow.utils import load_checkpoint
+    from kflow_mol.cli import DEFAULT_MODEL
+
+    raw = DEFAULT_MODEL.read_bytes()
+    blob = load_checkpoint(DEFAULT_MODEL)
+    files = {"zero_byte": b"", "truncated": raw[: len(raw) // 2], "random": bytes(range(256)) * 64}
+    out = []
+    for name, data in files.items():
+        (d / f"{name}.pt").write_bytes(data)
+        out.append((name, d / f"{name}.pt"))
+
+    def save(name, obj):
+        torch.save(obj, d / f"{name}.pt")
+        out.append((name, d / f"{name}.pt"))
+
+    save("a_list", [1, 2, 3])
+    save("training_checkpoint", {"format": "kflow-train-v1", "model": {}})
+    save("config_not_json", {**blob, "config": "{not json"})
+    cfg = json.loads(blob["config"])
+    save("config_without_model", {**blob, "config": json.dumps({k: v for k, v in cfg.items() if k != "model"})})
+    save("config_wrong_argument", {**blob, "config": json.dumps({**cfg, "model": {**cfg["model"], "bogus": 1}})})
+    save("weights_missing", {**blob, "state_dict": dict(list(blob["state_dict"].items())[1:])})
+    save("weights_wrong_shape", {**blob, "state_dict": {k: v[..., :1] if v.ndim else v
+                                                       for k, v in blob["state_dict"].items()}})
+    return out
+
+
+def test_damaged_model_files_are_one_line_exit_2(tmp_path, capfd):
+    for name, path in _bad_model_files(tmp_path):
+        rc = main(["assemble", "--smiles", "CCO", "--ckpt", str(path), "--out", str(tmp_path / "o"), "--steps", "1"])
+        err = capfd.readouterr().err.strip().splitlines()
+        assert rc == 2, (name, err)
+        assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0], (name, err)
+
+
+def test_damaged_resume_checkpoint_is_one_line_exit_2(small, tmp_path, capfd):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"\x00" * 100)
+    rc = main(["train", "--data", str(small), "--run-dir", str(run), "trainer=smoke", "model=mol_tiny", "--resume"])
+    err = [line for line in capfd.readouterr().err.strip().splitlines() if not line.startswith("data ")]
+    assert rc == 2 and len(err) == 1 and str(run / "last.pt") in err[0], err
+
+
+def _records(small, k=2):
+    import numpy as np
+
+    from kflow_mol.cif import cluster_from_cif
+    from kflow_mol.noise import LooseConfig, make_loose
+
+    recs = [cluster_from_cif(f) for f in sorted(small.glob("*.cif"))[:k]]
+    for r in recs:
+        r.initial = make_loose(r.final, np.random.default_rng(0), LooseConfig())
+    return recs
+
+
+def test_numerically_broken_inputs_are_one_line_exit_2(small, tmp_path, capfd):
+    """NaN / 1e300 coordinates and a reference whose molecules sit on top of each other: exit 2, one line."""
+    import numpy as np
+
+    from kflow_mol.io import write_raw_pair, write_xyz
+
+    rec = _records(small, 1)[0]
+    bad = []
+    for name, value in (("nan", np.nan), ("huge", 1e300)):
+        x = rec.initial.copy()
+        x[3, 0, 0] = value
+        write_xyz(tmp_path / f"{name}.xyz", rec.species, x)
+        bad.append((tmp_path / f"{name}.xyz", "coordinate"))
+    stacked = type(rec)(rec.id, rec.species, np.repeat(rec.final[:1], 17, 0), None, {})
+    stacked.final = stacked.final + np.arange(17)[:, None, None] * 1e-3  # write_raw_pair validates: bypass
+    fpath = tmp_path / "stacked" / "raw" / "FinalPositions" / f"{rec.id}_cluster16.csv"
+    fpath.parent.mkdir(parents=True)
+    from kflow_mol.io import format_csv
+
+    fpath.write_text(format_csv(rec.species, stacked.final))
+    bad.append((fpath, "overlap"))
+    write_raw_pair(tmp_path / "big", rec)
+    ipath = tmp_path / "big" / "raw" / "InitialPositions" / f"{rec.id}_cluster16_noised.csv"
+    lines = ipath.read_text().splitlines()
+    lines[1] = ",".join(lines[1].split(",")[:2] + ["1e300", "0", "0"])
+    ipath.write_text("\n".join(lines) + "\n")
+    bad.append((ipath.parent.parent / "FinalPositions" / f"{rec.id}_cluster16.csv", "coordinate"))
+    for path, fragment in bad:
+        rc = main(["assemble", str(path), "--out", str(tmp_path / "o"), "--steps", "1"])
+        err = capfd.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and fragment in err[0], (path, err)
+
+
+def test_evaluate_reports_rejected_files_and_keeps_the_good_ones(trained, small, tmp_path, capsys):
+    """A folder of official CSVs with two good clusters, a non-UTF-8 file and a malformed one: the two good
+    clusters are evaluated, the two bad ones are counted with their reasons in the JSON and on stderr."""
+    from kflow_mol.io import FINAL_SUFFIX, write_raw_pair
+
+    root = tmp_path / "data"
+    for r in _records(small, 2):
+        write_raw_pair(root, r)
+    final = root / "raw" / "FinalPositions"
+    (final / f"latin1{FINAL_SUFFIX}").write_bytes("mol_idx,atom_type,x,y,z\n0,C,1.0,2.0,3.0 \xe9\n".encode("latin-1"))
+    (final / f"header{FINAL_SUFFIX}").write_text("a,b,c\n")
+    capsys.readouterr()
+    rc = main(["evaluate", "--ckpt", str(trained / "model.pt"), "--data", str(root), "--split", "all",
+               "--steps", "1", "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0
+    res = json.loads(cap.out.strip().splitlines()[-1])
+    assert res["num_clusters"] == 2
+    assert res["rejected"]["count"] == 2 and res["rejected"]["by_reason"] == {"bad_csv": 2}
+    assert {r["id"] for r in res["rejected"]["items"]} == {"latin1", "header"}
+    assert any("not UTF-8" in r["message"] for r in res["rejected"]["items"])
+    assert "2 input(s) rejected (bad_csv 2); first: " in cap.err
+
+
+def test_cluster_ids_are_confined_to_the_data_root(tmp_path):
+    from kflow_mol.data import BuildError
+    from kflow_mol.io import raw_paths
+
+    for cid in ("/etc/passwd", "../../secret", "a/b", ".."):
+        with pytest.raises(BuildError, match="not a plain name"):
+            raw_paths(tmp_path, cid)
+    assert raw_paths(tmp_path, "2000334")[0].parent == tmp_path / "raw" / "FinalPositions"

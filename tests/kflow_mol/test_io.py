@@ -232,11 +232,30 @@ def test_smiles_sdf_and_cif(tmp_path, record):
 
 
 def test_record_validate():
-    rec = ClusterRecord("x", np.array([6, 1]), np.zeros((17, 2, 3)))
+    apart = np.zeros((17, 2, 3))
+    apart[:, 1, 0] = 1.1
+    apart[:, :, 1] += 5.0 * np.arange(17)[:, None]  # 17 distinct C-H molecules 5 A apart
+    rec = ClusterRecord("x", np.array([6, 1]), apart)
     assert rec.validate() is rec and rec.symbols == ["C", "H"]
     with pytest.raises(BuildError, match="shape"):
         ClusterRecord("x", np.array([6, 1]), np.zeros((16, 2, 3))).validate()
     with pytest.raises(BuildError, match="non-finite"):
         ClusterRecord("x", np.array([6, 1]), np.full((17, 2, 3), np.nan)).validate()
+    with pytest.raises(BuildError, match="a coordinate of 1e"):
+        ClusterRecord("x", np.array([6, 1]), apart + 1e300).validate()
     with pytest.raises(BuildError, match="initial"):
-        ClusterRecord("x", np.array([6, 1]), np.zeros((17, 2, 3)), np.zeros((17, 3, 3))).validate()
+        ClusterRecord("x", np.array([6, 1]), apart, np.zeros((17, 3, 3))).validate()
+    with pytest.raises(BuildError, match="final molecules 0 and 1 overlap"):
+        ClusterRecord("x", np.array([6, 1]), np.zeros((17, 2, 3))).validate()
+
+
+def test_csv_reader_rejects_non_utf8_and_huge_coordinates(tmp_path):
+    from kflow_mol.io import read_csv
+
+    f = tmp_path / "a.csv"
+    f.write_bytes("mol_idx,atom_type,x,y,z\n0,C,1.0,2.0,3.0\xe9\n".encode("latin-1"))
+    with pytest.raises(BuildError, match="not UTF-8"):
+        read_csv(f)
+    f.write_text("mol_idx,atom_type,x,y,z\n0,C,1e300,2.0,3.0\n")
+    with pytest.raises(BuildError, match="line 2: a coordinate of 1e"):
+        read_csv(f)
