@@ -260,7 +260,7 @@ def _check_args(args) -> None:
             raise InputError(f"--{flag.replace('_', '-')} {d} is not a directory")
     if args.cmd == "assemble" and Path(args.out).is_file():
         raise InputError(f"--out {args.out} is a file: give a folder")
-    for flag, low in (("steps", 1), ("workers", 1), ("max_atoms", 1), ("limit", 0)):
+    for flag, low in (("steps", 1), ("workers", 1), ("max_atoms", 1), ("limit", 0), ("threads", 0)):
         v = getattr(args, flag, None)
         if v is not None and v < low:
             raise InputError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
@@ -321,7 +321,6 @@ def cmd_assemble(args, extra) -> int:
     from .evaluate import verdict
     from .io import write_cluster_cif, write_xyz
     from .metrics import evaluate_cluster, intermolecular_clashes, oracle_floors
-    from .noise import make_loose
     from .render import render_clusters
     from .task import make_batch
 
@@ -330,9 +329,7 @@ def cmd_assemble(args, extra) -> int:
     model, task, noise, cfg, info, p = load_model(args.ckpt, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if known is True and record.initial is None:
-        record.initial = make_loose(record.final, np.random.default_rng(args.seed), noise)
-    prep = prepare(record, noise, seed=args.seed)
+    prep = prepare(record, noise, seed=args.seed)  # draws a missing loose state as inspect and the datasets do
     if known == "loose-only":
         prep["initial"] = np.asarray(record.initial)
     batch = make_batch([prep]).to(device)
@@ -343,7 +340,7 @@ def cmd_assemble(args, extra) -> int:
     traj = [t[0, :, :n].double().cpu().numpy() for t in res["trajectory"]]
     species = prep["species"]
     write_xyz(out / "assembled.extxyz", species, pos, comment=f"kflow-mol assembled {record.id}")
-    write_cluster_cif(out / "assembled.cif", species, pos)
+    write_cluster_cif(out / "assembled.cif", species, pos, name=f"{record.id}_assembled_cluster")
     write_xyz(out / "trajectory.extxyz", species, np.stack(traj), comment="k-trajectory")
     write_xyz(out / "loose.extxyz", species, prep["initial"], comment="loose input")
     metrics = {"id": record.id, "input": args.input or args.smiles, "checkpoint": str(p),
@@ -413,57 +410,72 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kflow-mol", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch default; 1 is faster for small models on a busy machine)")
+    overrides = " [key=value ...]"  # hydra overrides of configs/mol.yaml after the flags
 
-    def data_flags(p):
+    def command(name, help_, fn, takes_overrides=True, **kw):
+        usage = f"%(prog)s [options]{' [input]' if name in ('assemble', 'inspect') else ''}"
+        p = sub.add_parser(name, help=help_, parents=[common], usage=usage + (overrides if takes_overrides else ""),
+                           description=help_ + ("; trailing key=value pairs override configs/mol.yaml (e.g. "
+                                                "model=mol_tiny trainer.steps=100)" if takes_overrides else ""),
+                           **kw)
+        p.set_defaults(fn=fn, takes_overrides=takes_overrides)
+        return p
+
+    def data_flags(p, device_default):
         p.add_argument("--data", help="cod17-mini (shipped), cod17-5k / cod17-10k / cod17-all (official raw files "
                                       "under --data-root), or a folder of CIFs / of raw/ CSVs")
         p.add_argument("--data-root", help="root of the official raw files (default: $KFLOW_DATA)")
-        p.add_argument("--device", help="cpu | cuda | auto (default: auto for train, cpu otherwise)")
+        p.add_argument("--device", help=f"cpu | cuda | cuda:N | auto (default: {device_default})")
 
-    p = sub.add_parser("train", help="train an assembly model", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    data_flags(p)
+    p = command("train", "train an assembly model", cmd_train, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_flags(p, "auto = CUDA when present")
     p.add_argument("--run-dir", help="output folder (config, metrics.jsonl, loss.png, checkpoints, model.pt)")
     p.add_argument("--steps", type=int, help="training steps (trainer.steps)")
     p.add_argument("--baseline", action="store_true", help="train the w=1 baseline (same as schedule=flow)")
     p.add_argument("--resume", action="store_true", help="continue from run-dir/last.pt exactly")
-    p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics of a model on a dataset split (with floors)")
-    data_flags(p)
+    p = command("evaluate", "metrics of a model on a dataset split, beside the floors, with a clash verdict",
+                cmd_evaluate)
+    data_flags(p, "cpu")
     p.add_argument("--ckpt", help="model.pt or run dir (default: the shipped model)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="which part of the seeded 80/10/10 split (data.split_seed) to evaluate (default: test)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's solver config)")
-    p.add_argument("--method", choices=["exact", "euler", "heun"])
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N clusters")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(fn=cmd_evaluate)
+    p.add_argument("--method", choices=["exact", "euler", "heun"],
+                   help="sampler along k (default: the model's solver config)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N clusters (0 = all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary lines")
 
-    p = sub.add_parser("assemble", help="assemble one cluster (CIF, official CSV, XYZ/PDB cluster, molecule, SMILES)")
+    p = command("assemble", "assemble one cluster (CIF, official CSV, XYZ/PDB cluster, molecule, SMILES)",
+                cmd_assemble, takes_overrides=False)
     p.add_argument("input", nargs="?", help="crystal CIF | raw/FinalPositions/<id>_cluster16.csv | 17-molecule "
                                             "XYZ/extxyz/PDB | single molecule SDF/MOL/XYZ")
     p.add_argument("--smiles", help="assemble 17 copies of this molecule (RDKit conformer)")
-    p.add_argument("--out", default="assembled", help="output folder")
+    p.add_argument("--out", default="assembled", help="output folder (default: assembled)")
     p.add_argument("--ckpt", help="model.pt (default: the shipped model trained on cod17-mini)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int, default=0, help="seed of the loose state drawn for a CIF")
-    p.add_argument("--device")
-    p.set_defaults(fn=cmd_assemble)
+    p.add_argument("--steps", type=int, help="sampling steps along k (default: the model's solver config)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the loose state drawn for a CIF or molecule (same default as inspect, same draw "
+                        "as the datasets)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N | auto (default: cpu)")
 
-    p = sub.add_parser("build-dataset", help="cut 17-molecule clusters from a folder of CIFs (official layout)")
-    p.add_argument("--cif-dir", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-atoms", type=int, default=200)
+    p = command("build-dataset", "cut 17-molecule clusters from a folder of CIFs (official layout)", cmd_build)
+    p.add_argument("--cif-dir", required=True, help="folder of crystal CIFs (*.cif)")
+    p.add_argument("--out", required=True, help="output root: raw/FinalPositions, raw/InitialPositions, report.jsonl")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (default: 2; 1 = in this process)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the loose states (per file: seed and file id)")
+    p.add_argument("--max-atoms", type=int, default=200, help="largest accepted molecule, in atoms (default: 200)")
     p.add_argument("--no-noise", action="store_true", help="write FinalPositions only")
-    p.set_defaults(fn=cmd_build)
 
-    p = sub.add_parser("inspect", help="describe a cluster and render loose vs packed")
+    p = command("inspect", "describe a cluster and render loose vs packed", cmd_inspect)
     p.add_argument("input", help="CIF, official CSV, or XYZ cluster")
     p.add_argument("--png", help="picture path (default: <id>_cluster.png)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_inspect)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the loose state drawn for a CIF (same default as assemble)")
     return ap
 
 
@@ -476,7 +488,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, extra) -> int:
+    if extra and not args.takes_overrides:
+        raise InputError(f"unrecognised arguments {extra} (see `kflow-mol {args.cmd} --help`)")
     _check_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return args.fn(args, extra)
 
 

@@ -49,7 +49,8 @@ def official_help(name: str, root: Path | None) -> str:
         f"{where}/raw/InitialPositions/<id>_cluster16_noised.csv, with the subset's id list as "
         f"{where}/{OFFICIAL.get(name, name)}_ids.txt (one id per line; without it every id is used),\n"
         f"  and pass --data-root {where} (or set KFLOW_DATA).\n"
-        f"  comparable data from COD: download CIFs (e.g. datasets/omdb_gap1_cod_ids.txt) and run\n"
+        f"  comparable data from COD: download organic crystal CIFs from https://www.crystallography.net/cod/ "
+        f"and run\n"
         f"    kflow-mol build-dataset --cif-dir CIFS --out DIR   then   --data DIR\n"
         f"  offline: --data cod17-mini works on a fresh clone.")
 

@@ -381,24 +381,73 @@ def molecule_from_smiles(smiles: str, seed: int = 0):
     return z, mol.GetConformer().GetPositions().astype(np.float64)
 
 
-def write_cluster_cif(path, species, positions, padding: float = 10.0) -> Path:
-    """Write a cluster as a P1 CIF in an orthorhombic box (``padding`` A of vacuum on each side).
+def hill_formula(species) -> str:
+    """Hill-order formula with CIF spacing (``"C6 H6"``): C, then H, then the rest alphabetically."""
+    from collections import Counter
+
+    counts = Counter(numbers_to_symbols(species))
+    order = [e for e in ("C", "H") if "C" in counts and e in counts] + sorted(
+        e for e in counts if not ("C" in counts and e in ("C", "H")))
+    return " ".join(f"{e}{counts[e] if counts[e] > 1 else ''}" for e in order)
+
+
+def write_cluster_cif(path, species, positions, padding: float = 10.0, name: str = "cluster") -> Path:
+    """Write a cluster as a P1 CIF in an orthorhombic vacuum box (``padding`` Å on each side), atomically.
+
+    The file says in its header that it is a finite cluster, not a crystal (the box is only a frame for
+    viewers), and gives the formula of one molecule and of the cluster (``_chemical_formula_moiety``
+    ``"17(C6 H6)"``, ``_chemical_formula_sum``). Atom labels carry the molecule: ``C3_m5`` is the third carbon
+    of molecule 5 (molecule 0 is the central one).
 
     Args:
         species: ``(n,)`` atomic numbers of one molecule.
-        positions: ``(M, n, 3)`` cluster (or ``(N, 3)`` atoms with ``species`` of length N).
+        positions: ``(M, n, 3)`` cluster.
+        name: the data block name (letters, digits, ``_`` and ``-`` are kept).
     """
-    from ase import Atoms
-    from ase.io import write
-
     pos = np.asarray(positions, dtype=np.float64)
-    z = np.asarray(species)
-    if pos.ndim == 3:
-        z = np.tile(z, pos.shape[0])
-        pos = pos.reshape(-1, 3)
-    lo, hi = pos.min(0), pos.max(0)
-    atoms = Atoms(numbers=z, positions=pos - lo + padding, cell=np.diag(hi - lo + 2 * padding), pbc=True)
+    if pos.ndim != 3:
+        raise ValueError(f"write_cluster_cif: positions must be (M, n, 3), got {pos.shape}")
+    M, n, _ = pos.shape
+    symbols = numbers_to_symbols(species)
+    lo, hi = pos.reshape(-1, 3).min(0), pos.reshape(-1, 3).max(0)
+    box = hi - lo + 2 * padding
+    frac = (pos - lo + padding) / box
+    block = "".join(c if c.isalnum() or c in "_-" else "_" for c in str(name)) or "cluster"
+    one = hill_formula(species)
+    total = hill_formula(np.tile(np.asarray(species), M))
+    lines = [
+        f"# kflow-mol: a finite cluster of {M} molecules (molecule 0 and its {M - 1} nearest neighbours), NOT a",
+        "# crystal structure: the P1 box below is only a frame for viewers, not a unit cell, and there are no",
+        "# periodic images. Atom labels <element><k>_m<molecule>.",
+        f"data_{block}",
+        f"_chemical_formula_moiety          '{M}({one})'",
+        f"_chemical_formula_sum             '{total}'",
+        f"_cell_length_a                    {box[0]:.4f}",
+        f"_cell_length_b                    {box[1]:.4f}",
+        f"_cell_length_c                    {box[2]:.4f}",
+        "_cell_angle_alpha                 90",
+        "_cell_angle_beta                  90",
+        "_cell_angle_gamma                 90",
+        "_symmetry_space_group_name_H-M    'P 1'",
+        "_symmetry_Int_Tables_number       1",
+        "loop_",
+        "_symmetry_equiv_pos_as_xyz",
+        "'x, y, z'",
+        "loop_",
+        "_atom_site_label",
+        "_atom_site_type_symbol",
+        "_atom_site_fract_x",
+        "_atom_site_fract_y",
+        "_atom_site_fract_z",
+        "_atom_site_occupancy",
+    ]
+    for m in range(M):
+        seen: dict[str, int] = {}
+        for a, sym in enumerate(symbols):
+            seen[sym] = seen.get(sym, 0) + 1
+            x, y, z = frac[m, a]
+            lines.append(f"{sym}{seen[sym]}_m{m} {sym} {x:.6f} {y:.6f} {z:.6f} 1")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write(str(path), atoms, format="cif")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

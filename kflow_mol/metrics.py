@@ -555,7 +555,9 @@ def summarize(results: Iterable[dict], threshold: float = VALID_THRESHOLD) -> di
         results = [
             {k: (min(v[k] for v in g) if k != "id" else g[0]["id"]) for k in g[0]} for g in groups.values()
         ]
-    keys = [k for k in results[0] if k != "id" and isinstance(results[0][k], (int, float, np.floating, np.integer))]
+    # a symmetry order describes the molecule, not the result: its mean means nothing (evaluate counts them)
+    keys = [k for k in results[0] if k not in ("id", "symmetry_order")
+            and isinstance(results[0][k], (int, float, np.floating, np.integer))]
     out: dict[str, float] = {"n_clusters": len(results)}
     for k in keys:
         vals = np.array([float(r[k]) for r in results])

@@ -52,6 +52,8 @@ def test_evaluate_json(trained, small, capsys):
     for key in ("pm_atom", "pm_center", "pm_atom_valid_ratio", "pm_atom_perm_invariant", "pm_atom_symmetry_aware",
                 "collision", "separation", "collision_inter", "cluster_rmsd", "clashes", "min_contact"):
         assert key in res["model"], key
+    # a symmetry order is counted, never averaged
+    assert "symmetry_order" not in res["model"] and sum(res["symmetry_orders"].values()) == res["num_clusters"]
     c = res["clashes"]
     assert c["clash_fraction"] == 0.75 and c["reference_clusters_with_clashes"] == 0
     assert c["clusters_with_clashes"] == sum(r["clashes"] > 0 for r in res["per_cluster"])
@@ -361,3 +363,43 @@ def test_cluster_ids_are_confined_to_the_data_root(tmp_path):
         with pytest.raises(BuildError, match="not a plain name"):
             raw_paths(tmp_path, cid)
     assert raw_paths(tmp_path, "2000334")[0].parent == tmp_path / "raw" / "FinalPositions"
+
+
+def test_every_flag_has_help_and_overrides_are_in_the_usage():
+    import argparse
+
+    from kflow_mol.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        missing = [a.dest for a in p._actions if a.help is None]
+        assert not missing, (name, missing)
+        assert "--threads" in p.format_help()
+        assert ("key=value" in p.format_usage()) == (name != "assemble"), name
+
+
+def test_commands_shown_in_the_docs_parse(repo_dir):
+    """Every `kflow-mol ...` line of the READMEs is accepted by the parser (flags and key=value overrides)."""
+    import shlex
+
+    from kflow_mol.cli import build_parser
+
+    lines = [line.split("#")[0].strip() for f in ("README.md", "datasets/README.md")
+             for line in (repo_dir / f).read_text().splitlines() if line.strip().startswith("kflow-mol ")
+             and "[" not in line]  # synopsis lines ([--steps N]) are not commands
+    assert len(lines) > 5
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        args, extra = build_parser().parse_known_args(argv)  # argparse exits 2 on a bad line
+        assert all("=" in e for e in extra), line
+
+
+def test_inspect_and_assemble_draw_the_same_loose_state(trained, small, tmp_path, capsys):
+    cif = sorted(small.glob("*.cif"))[1]
+    assert main(["inspect", str(cif), "--png", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[out.rfind("{\n"):])
+    assert main(["assemble", str(cif), "--out", str(tmp_path / "a"), "--ckpt", str(trained / "model.pt"),
+                 "--steps", "1"]) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["floors"]["do_nothing"]["pm_atom"] == pytest.approx(info["do_nothing_pm_atom"], rel=1e-12)

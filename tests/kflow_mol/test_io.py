@@ -12,6 +12,7 @@ from kflow_mol.data import BuildError, ClusterRecord
 from kflow_mol.io import (
     HEADER,
     format_csv,
+    hill_formula,
     list_raw_ids,
     molecule_from_smiles,
     raw_paths,
@@ -229,6 +230,20 @@ def test_smiles_sdf_and_cif(tmp_path, record):
     d = at.get_all_distances()
     assert np.allclose(np.sort(d.ravel())[-1], np.sort(np.linalg.norm(
         record.final.reshape(-1, 3)[:, None] - record.final.reshape(-1, 3)[None], axis=-1).ravel())[-1])
+    # the file says it is a cluster, not a crystal, and gives a formula chemists can read
+    text = p.read_text()
+    assert text.startswith("# kflow-mol: a finite cluster of 17 molecules") and "NOT a" in text
+    one = hill_formula(record.species)
+    assert f"_chemical_formula_moiety          '17({one})'" in text
+    assert "_chemical_formula_structural" not in text
+    assert np.allclose(at.get_positions()[:record.n_atoms] - at.get_positions()[0],
+                       record.final[0] - record.final[0, 0], atol=1e-3)
+
+
+def test_hill_formula():
+    assert hill_formula([6, 6, 1, 1, 1, 8]) == "C2 H3 O"
+    assert hill_formula([1, 1, 8]) == "H2 O"  # without carbon: alphabetical
+    assert hill_formula([17, 6, 1, 35]) == "C H Br Cl"
 
 
 def test_record_validate():
