@@ -28,7 +28,11 @@ VARIANTS = {
     "kflow": ["schedule=kflow"],
     "baseline_w1": ["schedule=flow"],
     "kflow_labelled_targets": ["schedule=kflow", "symmetric_targets=false"],
+    # the first session's default: rotation vectors mixed by the graph, loose orientation kept as source
+    "kflow_graph_rotations": ["schedule=kflow", "path.rotation=graph", "path.rot_source=fixed",
+                              "path.kappa_scale=half", "rot_late_weight=false", "model.rot_output=rotvec"],
 }
+DEFAULT_VARIANTS = "kflow,baseline_w1"
 
 
 def gather_cifs(shared: Path, out: Path) -> int:
@@ -46,29 +50,90 @@ def gather_cifs(shared: Path, out: Path) -> int:
     return n
 
 
-def run_variant(name: str, overrides: list[str], data: Path, run_dir: Path, steps: int, eval_steps: int,
-                extra: list[str]) -> dict:
+def start_variant(name: str, overrides: list[str], data: Path, run_dir: Path, steps: int, eval_steps: int,
+                  extra: list[str], threads: int) -> tuple[subprocess.Popen, list[str], float]:
     cmd = [sys.executable, "-m", "kflow_mol.cli", "train", "--data", str(data), "--run-dir", str(run_dir),
            "--steps", str(steps), f"solver.steps={eval_steps}", "trainer.progress=false", *overrides, *extra]
     print("$", " ".join(cmd), flush=True)
-    t0 = time.time()
     # /usr/bin/time -v gives the child's peak RSS; fall back to wall-clock only if it is missing
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
-    proc = subprocess.run(timer + cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.Popen(timer + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    return proc, cmd, time.time()
+
+
+def finish_variant(name: str, overrides: list[str], run_dir: Path, started) -> dict:
+    proc, cmd, t0 = started
+    _, err = proc.communicate()
     wall = time.time() - t0
-    sys.stderr.write(proc.stderr[-3000:])
+    sys.stderr.write(err[-3000:])
     if proc.returncode != 0:
         raise SystemExit(f"variant {name} failed (exit {proc.returncode})")
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     res = json.loads((run_dir / "test_metrics.json").read_text())
     log = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in log if r.get("kind") == "train"]
     sps = [r["samples_per_s"] for r in train if "samples_per_s" in r]
+    res.update(steps_trained=train[-1]["step"] if train else None)
     res.update(variant=name, overrides=overrides, wall_s=wall, peak_rss_gb=int(m.group(1)) / 1e6 if m else None,
                train_clusters_per_s=sum(sps) / len(sps) if sps else None, final_loss=train[-1]["loss"] if train else None,
-               command=" ".join(cmd))
+               command=" ".join(cmd), curve=[r for r in log if r.get("kind") == "eval"])
+    res.update(batch1_seconds_per_cluster=batch1_timing(run_dir / "model.pt", run_dir))
     res.pop("per_cluster", None)
     return res
+
+
+def batch1_timing(model_pt: Path, run_dir: Path, n: int = 3, steps: int = 50) -> float:
+    """Seconds per cluster at batch 1 (50 steps), median over ``n`` test clusters, in this process."""
+    import torch
+
+    from kflow_mol.cli import load_model
+    from kflow_mol.dataset import load_prepared, split_indices
+    from kflow_mol.task import make_batch
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    model, task, noise, *_ = load_model(model_pt)
+    clusters, _ = load_prepared(cfg["data"]["name"], cfg["data"].get("root"), noise,
+                                seed=int(cfg["data"]["split_seed"]), progress=False)
+    test = [clusters[i] for i in split_indices(len(clusters), int(cfg["data"]["split_seed"]))["test"]][:n]
+    times = []
+    with torch.no_grad():
+        for c in test:
+            t0 = time.perf_counter()
+            task.sample(model, make_batch([c]), steps=steps)
+            times.append(time.perf_counter() - t0)
+    return float(sorted(times)[len(times) // 2])
+
+
+def learning_curve(results: list[dict], png: Path) -> None:
+    """Validation PM-atom (symmetry-aware) and median rotation error against training step, per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for r in results:
+        cur = r.get("curve") or []
+        if not cur:
+            continue
+        st = [c["step"] for c in cur]
+        axes[0].plot(st, [c["val_pm_atom_symmetry_aware"] for c in cur], marker="o", label=r["variant"])
+        axes[1].plot(st, [c.get("val_rot_median_deg", float("nan")) for c in cur], marker="o", label=r["variant"])
+    base = results[0]
+    for name, ls in (("centroid_oracle", "--"), ("do_nothing", ":")):
+        m = base.get(name, {})
+        if "pm_atom_symmetry_aware" in m:
+            axes[0].axhline(m["pm_atom_symmetry_aware"], color="grey", ls=ls, lw=1, label=f"test {name.replace('_', ' ')}")
+        if "rot_median_deg" in m:
+            axes[1].axhline(m["rot_median_deg"], color="grey", ls=ls, lw=1, label=f"test {name.replace('_', ' ')}")
+    axes[0].set(xlabel="training step", ylabel="val PM-atom sym-aware (Å)")
+    axes[1].set(xlabel="training step", ylabel="val median rotation error (°)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def fmt(x, nd=2):
@@ -77,22 +142,23 @@ def fmt(x, nd=2):
 
 def table(results: list[dict]) -> str:
     base = results[0]
-    rows = ["| | PM-atom ↓ | PM-atom sym-aware ↓ | PM-centre ↓ | PM-atom perm-inv ↓ | valid | collision | "
-            "collision inter | separation | cluster RMSD | train clusters/s | s/cluster (inference) | peak RAM GB |",
+    rows = ["| | PM-atom ↓ | PM-atom sym-aware ↓ | PM-centre ↓ | rot. median ° ↓ | within 10° ↑ | valid | "
+            "collision inter | cluster RMSD | train clusters/s | s/cluster batch 8 | s/cluster batch 1 | peak RAM GB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("do_nothing", "undo_mean_expansion", "centroid_oracle", "orientation_oracle", "symmetry_blind_oracle"):
         m = base.get(name, {})
         rows.append(f"| floor: {name.replace('_', ' ')} | {fmt(m.get('pm_atom'))} | {fmt(m.get('pm_atom_symmetry_aware'))} | "
-                    f"{fmt(m.get('pm_center'))} | {fmt(m.get('pm_atom_perm_invariant'))} | {fmt(m.get('pm_atom_valid_ratio'))} | "
-                    f"{fmt(m.get('collision'), 3)} | {fmt(m.get('collision_inter'), 3)} | {fmt(m.get('separation'), 3)} | "
-                    f"{fmt(m.get('cluster_rmsd'))} | | | |")
+                    f"{fmt(m.get('pm_center'))} | {fmt(m.get('rot_median_deg'), 1)} | {fmt(m.get('rot_within_10deg'))} | "
+                    f"{fmt(m.get('pm_atom_valid_ratio'))} | {fmt(m.get('collision_inter'), 3)} | "
+                    f"{fmt(m.get('cluster_rmsd'))} | | | | |")
     for r in results:
         m = r["model"]
         rows.append(f"| **{r['variant']}** | {fmt(m.get('pm_atom'))} | {fmt(m.get('pm_atom_symmetry_aware'))} | "
-                    f"{fmt(m.get('pm_center'))} | {fmt(m.get('pm_atom_perm_invariant'))} | {fmt(m.get('pm_atom_valid_ratio'))} | "
-                    f"{fmt(m.get('collision'), 3)} | {fmt(m.get('collision_inter'), 3)} | {fmt(m.get('separation'), 3)} | "
+                    f"{fmt(m.get('pm_center'))} | {fmt(m.get('rot_median_deg'), 1)} | {fmt(m.get('rot_within_10deg'))} | "
+                    f"{fmt(m.get('pm_atom_valid_ratio'))} | {fmt(m.get('collision_inter'), 3)} | "
                     f"{fmt(m.get('cluster_rmsd'))} | {fmt(r.get('train_clusters_per_s'), 1)} | "
-                    f"{fmt(r.get('seconds_per_cluster'), 3)} | {fmt(r.get('peak_rss_gb'), 2)} |")
+                    f"{fmt(r.get('seconds_per_cluster'), 3)} | {fmt(r.get('batch1_seconds_per_cluster'), 3)} | "
+                    f"{fmt(r.get('peak_rss_gb'), 2)} |")
     return "\n".join(rows)
 
 
@@ -112,8 +178,11 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_mol"))
     ap.add_argument("--steps", type=int, default=1500, help="training steps per variant")
     ap.add_argument("--eval-steps", type=int, default=50, help="sampling steps at evaluation")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {list(VARIANTS)}")
     ap.add_argument("--time-limit", type=float, default=0, help="per-variant training time limit (s); 0 = none")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="variants trained at once (each gets cores / parallel threads); 1 = one after another")
+    ap.add_argument("--tag", default="", help="suffix of the result file and the BENCHMARKS.md section key")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for every variant (e.g. model=mol_tiny)")
     args = ap.parse_args()
     shared = Path(args.shared)
@@ -125,27 +194,46 @@ def main() -> None:
     n = gather_cifs(shared, data)
     print(f"{n} CIFs gathered in {data}", flush=True)
     extra = list(args.overrides) + ([f"trainer.time_limit_s={args.time_limit}"] if args.time_limit else [])
+    names = args.variants.split(",")
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    threads = max(1, (os.cpu_count() or 2) // max(args.parallel, 1))
     results = []
-    for name in args.variants.split(","):
-        results.append(run_variant(name, VARIANTS[name], data, work / name, args.steps, args.eval_steps, extra))
+    for i in range(0, len(names), max(args.parallel, 1)):
+        group = names[i:i + max(args.parallel, 1)]
+        started = {v: start_variant(v, VARIANTS[v], data, work / v, args.steps, args.eval_steps, extra, threads)
+                   for v in group}
+        results += [finish_variant(v, VARIANTS[v], work / v, started[v]) for v in group]
     cpu = platform.processor() or platform.machine()
     out = {"machine": f"{platform.node()} {cpu}, {os.cpu_count()} cores, torch {__import__('torch').__version__}",
            "cifs": n, "steps": args.steps, "eval_steps": args.eval_steps, "results": results,
            "date": time.strftime("%Y-%m-%d %H:%M")}
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "mol_assembly.json").write_text(json.dumps(out, indent=1))
+    tag = f"_{args.tag}" if args.tag else ""
+    (ROOT / "benchmarks" / "results" / f"mol_assembly{tag}.json").write_text(json.dumps(out, indent=1, default=float))
+    curve_png = ROOT / "benchmarks" / "results" / f"mol_assembly{tag}_curve.png"
+    learning_curve(results, curve_png)
     r0 = results[0]
     orders = r0.get("symmetry_orders", {})
     section = (f"## Molecular assembly (COD-Cluster17-style clusters cut from `shared/data/crystals`)\n\n"
                f"Command: `python benchmarks/mol_assembly.py --steps {args.steps} --eval-steps {args.eval_steps}"
-               f"{' ' + ' '.join(args.overrides) if args.overrides else ''}` — {out['date']}, {out['machine']}.\n\n"
+               f"{f' --time-limit {args.time_limit:g}' if args.time_limit else ''}"
+               f"{f' --parallel {args.parallel}' if args.parallel > 1 else ''} --variants {args.variants}"
+               f"{f' --tag {args.tag}' if args.tag else ''}"
+               f"{' ' + ' '.join(args.overrides) if args.overrides else ''}` — {out['date']}, {out['machine']}; "
+               f"{threads} torch thread(s) per variant, {args.parallel} variant(s) at a time.\n\n"
                f"{n} CIFs → {r0['num_clusters']} test clusters (seeded 80/10/10 split, seed 0); molecules per symmetry "
                f"order in the test split: {orders}. Loose states: our noise model (per-molecule random rotation, "
                f"centroids pushed out by U[1.5, 3.0] each (mean 2.25) + 3 Å jitter). Same network, steps and seed for every "
                f"variant; {args.eval_steps} exact-increment steps at test time. PM in Å; `sym-aware` = minimum over "
                f"molecular automorphisms and molecule matching (ours); floors use the known target (diagnosis only).\n\n"
-               + table(results) + "\n")
-    update_markdown(section)
+               + table(results) + "\n\n"
+               f"Rotation error: per molecule, the angle to the closest symmetry-equivalent of its true orientation "
+               f"(labels kept); per cluster the median, then the mean over clusters. Learning curve (validation "
+               f"clusters, 20 sampling steps): `{curve_png.relative_to(ROOT)}`. Training stopped by "
+               + ", ".join(f"{r['variant']}: {r.get('steps_trained', '?')} steps" for r in results) + ".\n")
+    update_markdown(section, f"mol_assembly{tag}")
     print(section)
 
 

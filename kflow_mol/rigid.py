@@ -96,6 +96,9 @@ class RigidKPath:
             on its own geodesic, timed by the rotation clock).
         rot_window: ``(start, end)`` in [0, 1]: with ``rotation="own"`` the orientations turn linearly in k
             over this window (``(0, 1)``: the same clock as rectified flow).
+        trans_window: ``(start, end)``: the centroids' band schedule runs on the clock
+            ``k_c = (k - start) / (end - start)`` clipped to [0, 1], e.g. ``(0, 0.6)`` with ``rot_window=(0.4, 1)``
+            packs the centroids first and turns the molecules once their neighbours are near.
         kappa_scale: ``half`` (``kappa = lambda / 2``) or ``max`` (``lambda / lambda_max``, so the bands of
             each cluster's graph fill [0, 1]); see :class:`kflow.transforms.GraphSpectralTransform`.
         rot_source: how the sampler turns endpoint predictions into rotation steps (``fixed`` or
@@ -104,7 +107,7 @@ class RigidKPath:
 
     def __init__(self, schedule: BandSchedule, sigma: float | None = None, knn: int | None = None,
                  distance: str = "centroid", rotation: str = "graph", rot_window=(0.0, 1.0),
-                 kappa_scale: str = "half", rot_source: str = "fixed"):
+                 kappa_scale: str = "half", rot_source: str = "fixed", trans_window=(0.0, 1.0)):
         if distance not in ("centroid", "contact"):
             raise ValueError(f"distance must be 'centroid' or 'contact', got '{distance}'")
         if rotation not in ROTATIONS:
@@ -112,13 +115,27 @@ class RigidKPath:
         if rot_source not in ROT_SOURCES:
             raise ValueError(f"rot_source must be one of {ROT_SOURCES}, got '{rot_source}'")
         a, b = (float(x) for x in rot_window)
-        if not 0.0 <= a < b <= 1.0:
-            raise ValueError(f"rot_window must satisfy 0 <= start < end <= 1, got {tuple(rot_window)}")
+        ta, tb = (float(x) for x in trans_window)
+        for name, (lo, hi) in (("rot_window", (a, b)), ("trans_window", (ta, tb))):
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"{name} must satisfy 0 <= start < end <= 1, got {(lo, hi)}")
+        if rotation == "graph" and (ta, tb) != (0.0, 1.0):
+            raise ValueError("trans_window needs rotation='own' (with graph rotations both share one clock)")
+        self.trans_window = (ta, tb)
         self.schedule, self.sigma, self.knn, self.distance = schedule, sigma, knn, distance
         self.rotation, self.rot_window, self.kappa_scale, self.rot_source = rotation, (a, b), kappa_scale, rot_source
         # The rotation clock is a one-band schedule: window b - a starting at a = (1 - w) kappa_r.
         self._rot_clock = BandSchedule(window=b - a, profile="linear")
         self._rot_kappa = a / (1 - (b - a)) if b - a < 1 else 0.0
+
+    def trans_clock(self, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``(k_c, dk_c/dk)``: the time the centroids' band schedule sees, shaped like ``k``."""
+        a, b = self.trans_window
+        if (a, b) == (0.0, 1.0):
+            return k, torch.ones_like(k)
+        u = (k - a) / (b - a)
+        inside = (u >= 0) & (u <= 1)
+        return u.clamp(0.0, 1.0), torch.where(inside, torch.full_like(u, 1 / (b - a)), torch.zeros_like(u))
 
     def rot_clock(self, k: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu_r(k), dmu_r/dk)`` of the rotation clock (``rotation="own"``), shaped like ``k``."""
@@ -163,14 +180,15 @@ class RigidKPath:
                k: Tensor) -> RigidPathSample:
         """Path point at ``k (B,)`` between the loose ``(c0, R0)`` and packed ``(c1, R1)`` states."""
         s0, s1 = self.start(c0), self.endpoint(c1, R1, R0)
-        ps = self.core(transform).sample(s0, s1, k)
-        s_k, ds_k = ps.x_k, ps.dx_k
+        kc, dkc = self.trans_clock(k)
+        ps = self.core(transform).sample(s0, s1, kc)
+        s_k, ds_k = ps.x_k, ps.dx_k * dkc[:, None, None]
         if self.rotation == "own":  # centroids from the graph path, rotations on their own clock
             mu, dmu = self.rot_clock(k)
             s_k = torch.cat([s_k[..., :3], mu[:, None, None] * s1[..., 3:]], dim=-1)
             ds_k = torch.cat([ds_k[..., :3], dmu[:, None, None] * s1[..., 3:]], dim=-1)
         c_k, R_k = self.rigid(s_k, R0)
-        return RigidPathSample(ps.k, s0, s1, s_k, ds_k, c_k, R_k)
+        return RigidPathSample(k, s0, s1, s_k, ds_k, c_k, R_k)
 
     def step(self, transform: GraphSpectralTransform, s_k: Tensor, s1_hat: Tensor, c0: Tensor, R0: Tensor,
              k: Tensor, k_next: Tensor) -> Tensor:
@@ -188,7 +206,7 @@ class RigidKPath:
             ``(B, M, 6)`` the next state.
         """
         core = self.core(transform)
-        c_next = s_k[..., :3] + core.increment(c0, s1_hat[..., :3], k, k_next)
+        c_next = s_k[..., :3] + core.increment(c0, s1_hat[..., :3], self.trans_clock(k)[0], self.trans_clock(k_next)[0])
         om, om1 = s_k[..., 3:], s1_hat[..., 3:]
         if self.rotation == "graph":
             src = torch.zeros_like(om)
@@ -213,7 +231,9 @@ class RigidKPath:
         diagonals ``diag(exp(-t L))``: ``(B, M, 2 + len(HEAT_TIMES))``."""
         path = self.core(transform)
         like = transform.evecs
-        mu, dmu = path.weights(k, like[..., :1])
+        kc, dkc = self.trans_clock(k)
+        mu, dmu = path.weights(kc, like[..., :1])
+        dmu = dmu * dkc.to(dmu.dtype).reshape(-1, *([1] * (dmu.dim() - 1)))
         prog = torch.diagonal(transform.matrix(mu), dim1=-2, dim2=-1)
         dprog = torch.diagonal(transform.matrix(dmu), dim1=-2, dim2=-1)
         heat = transform.heat_kernel_diagonal(list(HEAT_TIMES))
