@@ -470,12 +470,15 @@ def rotation_errors(pred: Any, true: Any, perms: torch.Tensor | np.ndarray) -> n
         pred, true: ``(M, n, 3)`` positions. perms: ``(G, n)`` automorphisms (identity included).
 
     Returns:
-        ``(M,)`` angles in [0, 180].
+        ``(M,)`` angles in [0, 180]; ``nan`` for a molecule with non-finite positions (invalid, not a crash).
     """
     p, t = _cluster(pred, "pred"), _cluster(true, "true")
     perms = np.asarray(torch.as_tensor(perms).cpu().numpy(), dtype=np.int64)
     out = np.full(p.shape[0], 180.0)
     for i in range(p.shape[0]):
+        if not (np.all(np.isfinite(p[i])) and np.all(np.isfinite(t[i]))):  # the SVD would not converge
+            out[i] = np.nan
+            continue
         for g in perms:
             R, _ = so3.kabsch_np(t[i][g], p[i])
             out[i] = min(out[i], float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0)))))
