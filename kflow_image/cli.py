@@ -254,7 +254,7 @@ def cmd_train(args, extra) -> int:
 
     from kflow.train import TrainConfig, Trainer
     from kflow.utils import seed_everything
-    from kflow_image.sampling import save_grid
+    from kflow_image.sampling import save_grid, save_labelled_grid
 
     pre = []
     if args.data:
@@ -305,7 +305,9 @@ def cmd_train(args, extra) -> int:
     t0 = time.perf_counter()
     imgs = generate(run, y, n, cfg["sample"]["seed"], cfg_scale=cfg["sample"]["cfg_scale"],
                     class_drop_at=cfg["sample"]["class_drop_at"])
-    grid = save_grid(imgs, Path(tcfg.run_dir) / "samples.png", nrow=per, scale=2 if imgs.shape[-1] <= 32 else 1)
+    scale = 2 if imgs.shape[-1] <= 32 else 1
+    grid = (save_grid(imgs, Path(tcfg.run_dir) / "samples.png", nrow=per, scale=scale) if y is None else
+            save_labelled_grid(imgs, y, Path(tcfg.run_dir) / "samples.png", per_row=per, scale=scale))
     summary = {"step": out.get("step"), "loss": out.get("loss"), "train_s": round(train_s, 1),
                "sample_s": round(time.perf_counter() - t0, 1), "samples": str(grid),
                "checkpoint": str(Path(tcfg.run_dir) / "last.pt")}
@@ -348,7 +350,7 @@ def _restore_inputs(run: dict, spec: str, n: int) -> tuple[torch.Tensor, torch.T
 
 
 def cmd_sample(args, extra) -> int:
-    from kflow_image.sampling import degrade, psnr, restore, save_grid, split_noise
+    from kflow_image.sampling import degrade, psnr, restore, save_grid, save_labelled_grid, split_noise
 
     run = load_run(args.ckpt, args.device)
     if extra:  # sampler-side overrides (solver.steps=..., sample.x0_mode=...)
@@ -364,7 +366,8 @@ def cmd_sample(args, extra) -> int:
     cfg, task, model, codec, dev = run["cfg"], run["task"], run["model"], run["codec"], run["device"]
     steps = args.steps or cfg["solver"]["steps"]
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
-    n = args.n
+    n = args.n or (32 if args.restore or args.split_bands or args.uncond
+                   else 8 * (len(classes) if classes else run["num_classes"]) or 32)  # grids: 8 per class
     labels = None if args.uncond else _labels_for(n, run["num_classes"], classes, dev)
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -399,8 +402,17 @@ def cmd_sample(args, extra) -> int:
     else:
         imgs = generate(run, labels, n, args.seed, cfg_scale=args.cfg_scale, class_drop_at=args.class_drop_at,
                         steps=steps)
-        nrow = args.nrow or (n // len(classes) if classes and n % len(classes) == 0 else None)
-        save_grid(imgs, out, nrow=nrow, scale=2 if imgs.shape[-1] <= 32 else 1)
+        scale = 2 if imgs.shape[-1] <= 32 else 1
+        if labels is None:
+            save_grid(imgs, out, nrow=args.nrow, scale=scale)
+        else:  # one labelled row per class
+            save_labelled_grid(imgs, labels.cpu(), out, per_row=args.nrow, scale=scale)
+        if args.npz:  # raw samples: images (N, C, H, W) float32 in [0, 1], labels (N,) (-1 = unconditional)
+            import numpy as np
+            lab = labels.cpu().numpy() if labels is not None else np.full(n, -1)
+            Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(args.npz, images=imgs.float().clamp(0, 1).numpy(), labels=lab.astype(np.int64))
+            info["npz"] = str(args.npz)
     info["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(info))
     return 0
@@ -488,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", parents=[common], help="sample an image grid (guidance, class drop, noise split, restoration)")
     s.add_argument("--ckpt", required=True, help="run folder or checkpoint file (EMA weights are used)")
     s.add_argument("--out", required=True, help="output PNG grid")
-    s.add_argument("--n", type=int, default=32, help="number of samples (default 32)")
+    s.add_argument("--n", type=int, help="number of samples (default: 8 per class; 32 for --uncond, --restore, --split-bands)")
+    s.add_argument("--npz", metavar="FILE",
+                   help="also write the raw samples: images (N, C, H, W) float32 in [0, 1] and labels (N,)")
     s.add_argument("--classes", help="comma-separated labels, cycled over the samples (default: all classes)")
     s.add_argument("--uncond", action="store_true", help="unconditional samples (null class)")
     s.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")

@@ -388,3 +388,233 @@ def fid_exact(f1: np.ndarray, f2: np.ndarray) -> float:
     a2 = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
     nuc = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
     return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + (a1 ** 2).sum() + (a2 ** 2).sum() - 2 * nuc)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MNIST: a small in-repo classifier, conditional accuracy and a Fréchet distance on its features
+# ----------------------------------------------------------------------------------------------------
+#: the shipped classifier weights (see :func:`train_mnist_classifier` for how they were made)
+MNIST_CLASSIFIER_FILE = Path(__file__).resolve().parent / "weights" / "mnist_classifier.pt"
+#: split of the shipped MNIST test set used by the classifier: images ``[0, 9000)`` train it, ``[9000, 10000)``
+#: are held out -- the same split as the image generator (``data.holdout = 1000``).
+MNIST_CLASSIFIER_SPLIT = 9000
+
+
+class MNISTClassifier(nn.Module):
+    """Small CNN for 1x32x32 digits in [0, 1] (122 k parameters): 3 conv+pool stages, a 64-d feature layer.
+
+    ``forward`` returns logits ``(N, 10)``; :meth:`features` the 64-d penultimate activations used for the
+    Fréchet distance (:func:`mnist_scores`).
+    """
+
+    def __init__(self, width: int = 32, feature_dim: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.config = {"width": width, "feature_dim": feature_dim, "num_classes": num_classes}
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),           # 16x16
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),       # 8x8
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 4x4
+            nn.Flatten(), nn.Linear(2 * w * 16, feature_dim), nn.ReLU())
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1:] != (1, 32, 32):
+            raise ValueError(f"MNISTClassifier: expected images (N, 1, 32, 32) in [0, 1], got {tuple(x.shape)}")
+        return x.float().clamp(0, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, 32, 32)`` in [0, 1] -> ``(N, feature_dim)`` penultimate features."""
+        return self.body(self._check(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+        """``(predicted labels (N,), features (N, feature_dim) float64)`` in eval mode."""
+        was = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        labs, feats = [], []
+        for i in range(0, len(images), batch_size):
+            f = self.features(images[i:i + batch_size].to(dev))
+            feats.append(f.cpu().double().numpy())
+            labs.append(self.head(f).argmax(1).cpu().numpy())
+        self.train(was)
+        if not labs:
+            raise ValueError("MNISTClassifier.predict: no images")
+        return np.concatenate(labs), np.concatenate(feats)
+
+
+def _shift_augment(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random integer translations of up to ``max_shift`` pixels (zero fill), one per image."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p))
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(n, 1, h, w + 2 * p)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(n, 1, h, w)
+    return out.gather(3, cols)
+
+
+def train_mnist_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 8, batch_size: int = 128,
+                           lr: float = 2e-3, max_shift: int = 2, seed: int = 0,
+                           log: Callable[[str], None] | None = None) -> MNISTClassifier:
+    """Train :class:`MNISTClassifier` (AdamW, cosine LR, random shifts of up to ``max_shift`` pixels).
+
+    Deterministic on CPU for a given ``seed`` and thread count. The shipped weights are
+    ``train_mnist_classifier(first 9000 images of the shipped MNIST test set, epochs=8, seed=0)``, written by
+    ``python benchmarks/image_mnist.py classifier`` (:data:`MNIST_CLASSIFIER_FILE`).
+
+    Args:
+        images: ``(N, 1, 32, 32)`` in [0, 1].
+        labels: ``(N,)`` ints in 0..9.
+        epochs: passes over the data.
+        batch_size: minibatch size.
+        lr: peak learning rate.
+        max_shift: translation augmentation in pixels.
+        seed: seeds the initialisation, the batch order and the augmentation.
+        log: optional callback for one line per epoch.
+    """
+    torch.manual_seed(seed)
+    model = MNISTClassifier()
+    g = torch.Generator().manual_seed(seed)
+    x, y = images.float(), torch.as_tensor(labels).long()
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    for ep in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        tot, n = 0.0, 0
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(model(_shift_augment(x[idx], max_shift, g)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot, n = tot + float(loss.detach()) * len(idx), n + len(idx)
+        if log is not None:
+            log(f"epoch {ep + 1}/{epochs}: loss {tot / n:.4f}")
+    return model.eval()
+
+
+def save_mnist_classifier(model: MNISTClassifier, path: str | Path, info: dict | None = None) -> Path:
+    """Write the classifier as a plain ``weights_only`` file: ``{"config", "state_dict", "info"}`` (float32)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"format": "kflow-mnist-classifier-v1", "config": dict(model.config),
+            "state_dict": {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()},
+            "info": dict(info or {})}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_mnist_classifier(path: str | Path | None = None) -> MNISTClassifier:
+    """Load a classifier written by :func:`save_mnist_classifier` (default: the shipped weights).
+
+    Raises:
+        FileNotFoundError: no such file (the message says how to make it).
+        ValueError: the file is not a classifier of this kind.
+    """
+    path = Path(path) if path is not None else MNIST_CLASSIFIER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"MNIST classifier weights not found: {path} "
+                                "(make them with: python benchmarks/image_mnist.py classifier)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != "kflow-mnist-classifier-v1":
+        raise ValueError(f"{path} is not a kflow MNIST classifier file")
+    model = MNISTClassifier(**blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    model.info = blob.get("info", {})
+    return model.eval()
+
+
+def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat(idx)`` over ``n_boot`` resamples ``idx`` of ``range(n)``."""
+    if n < 1:
+        raise ValueError("bootstrap_ci needs at least one sample")
+    rng = np.random.default_rng(seed)
+    vals = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)])
+    a = (1 - level) / 2
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
+
+
+def conditional_accuracy(predicted, requested, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Fraction of samples classified as the class they were requested for, with a 95 % bootstrap interval.
+
+    Returns:
+        ``{"acc", "lo", "hi", "n", "per_class": {c: acc}}``.
+    """
+    p, r = np.asarray(predicted).reshape(-1), np.asarray(requested).reshape(-1)
+    if len(p) != len(r) or len(p) == 0:
+        raise ValueError(f"conditional_accuracy: {len(p)} predictions for {len(r)} requested labels")
+    hit = (p == r).astype(np.float64)
+    lo, hi = bootstrap_ci(lambda i: hit[i].mean(), len(hit), n_boot, seed=seed)
+    per = {int(c): float(hit[r == c].mean()) for c in np.unique(r)}
+    return {"acc": float(hit.mean()), "lo": lo, "hi": hi, "n": int(len(hit)), "per_class": per}
+
+
+def frechet_psd(features1, features2) -> float:
+    """Fréchet distance of two feature sets via symmetric eigendecompositions (no ``sqrtm``).
+
+    ``tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2)``, computed with ``eigh`` and negative rounding
+    eigenvalues clipped: exact, and stable when a covariance is singular (e.g. ReLU features that are always 0).
+    """
+    (m1, s1), (m2, s2) = feature_stats(features1), feature_stats(features2)
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    lam = np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0, None)
+    d = m1 - m2
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(lam).sum())
+
+
+def frechet_with_ci(fake, real, n_boot: int = 200, seed: int = 0) -> dict:
+    """Fréchet distance between two feature sets, with a 95 % bootstrap interval (both sets resampled).
+
+    The bootstrap FD is biased upwards (duplicated points); the interval is the spread of the bootstrap
+    distribution re-centred on the estimate (median shifted to it), so it brackets the estimate.
+
+    Returns:
+        ``{"fd", "lo", "hi", "n_fake", "n_real"}``.
+    """
+    f, r = _np(fake), _np(real)
+    fd = frechet_psd(f, r)
+    rng = np.random.default_rng(seed)
+    vals = np.array([frechet_psd(f[rng.integers(0, len(f), len(f))], r[rng.integers(0, len(r), len(r))])
+                     for _ in range(n_boot)])
+    # resampling with replacement duplicates points and inflates the FD: centre the bootstrap distribution on
+    # the estimate (shift by its median's excess) before taking the 2.5 / 97.5 % quantiles
+    shift = float(np.median(vals)) - fd
+    return {"fd": fd, "lo": max(float(np.quantile(vals, 0.025)) - shift, 0.0),
+            "hi": float(np.quantile(vals, 0.975)) - shift, "n_fake": len(f), "n_real": len(r)}
+
+
+def mnist_scores(classifier: MNISTClassifier, images: torch.Tensor, requested, real_images: torch.Tensor,
+                 n_boot: int = 1000, seed: int = 0) -> dict:
+    """Conditional accuracy and classifier-feature Fréchet distance of generated digits, with intervals.
+
+    Args:
+        classifier: e.g. :func:`load_mnist_classifier`.
+        images: ``(N, 1, 32, 32)`` generated digits in [0, 1].
+        requested: ``(N,)`` the classes they were generated for.
+        real_images: ``(M, 1, 32, 32)`` held-out real digits (the Fréchet reference).
+        n_boot: bootstrap resamples for the accuracy (the Fréchet distance uses ``n_boot // 5``).
+        seed: bootstrap seed.
+
+    Returns:
+        ``{"cond_acc": {...}, "fd": {...}}`` (see :func:`conditional_accuracy`, :func:`frechet_with_ci`).
+    """
+    pred, feats = classifier.predict(images)
+    _, real_feats = classifier.predict(real_images)
+    return {"cond_acc": conditional_accuracy(pred, np.asarray(torch.as_tensor(requested).cpu()), n_boot, seed),
+            "fd": frechet_with_ci(feats, real_feats, max(n_boot // 5, 20), seed)}

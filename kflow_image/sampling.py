@@ -37,6 +37,7 @@ __all__ = [
     "restoration_hook",
     "restore",
     "save_grid",
+    "save_labelled_grid",
     "split_noise",
     "to_uint8",
 ]
@@ -84,6 +85,60 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
+    return path
+
+
+def save_labelled_grid(images: Tensor, labels: Tensor | Sequence[int], path: str | Path,
+                       per_row: int | None = None, class_names: Sequence[str] | None = None, pad: int = 2,
+                       scale: int = 2) -> Path:
+    """PNG grid with one row per class, the class written at the left of its row.
+
+    Images are grouped by label (classes in increasing order, images in their original order within a class);
+    a class with more than ``per_row`` images continues on the next row (labelled again).
+
+    Args:
+        images: ``(N, C, H, W)`` in [0, 1].
+        labels: ``(N,)`` class of each image.
+        path: output PNG.
+        per_row: images per row (default: the largest class count).
+        class_names: text of each class (default: the class index).
+        pad: pixels between tiles (before ``scale``).
+        scale: integer nearest upscaling of the tiles (the label text is drawn after scaling).
+    """
+    from PIL import ImageDraw, ImageFont
+
+    y = torch.as_tensor(labels).reshape(-1).cpu()
+    if len(y) != len(images):
+        raise ValueError(f"{len(y)} labels for {len(images)} images")
+    rows: list[tuple[int, Tensor]] = []
+    counts = {int(c): int((y == c).sum()) for c in torch.unique(y)}
+    per = per_row or max(counts.values())
+    for c in sorted(counts):
+        idx = torch.nonzero(y == c).flatten()
+        for i in range(0, len(idx), per):
+            rows.append((c, idx[i:i + per]))
+    h, w = images.shape[-2:]
+    tile = torch.ones((len(rows) * per, *images.shape[1:]), dtype=torch.float32)
+    for r, (_, idx) in enumerate(rows):
+        tile[r * per: r * per + len(idx)] = images[idx].detach().float().cpu()
+    grid = make_grid(tile, nrow=per, pad=pad)
+    body = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if scale > 1:
+        body = body.resize((body.width * scale, body.height * scale), Image.NEAREST)
+    font = ImageFont.load_default()
+    names = [str(class_names[c]) if class_names else str(c) for c, _ in rows]
+    probe = ImageDraw.Draw(body)
+    margin = 8 + max(int(probe.textlength(n, font=font)) for n in names)
+    out = Image.new(body.mode, (body.width + margin, body.height), 255 if body.mode == "L" else (255, 255, 255))
+    out.paste(body, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    ink = 0 if out.mode == "L" else (0, 0, 0)
+    for r, name in enumerate(names):
+        top = (pad + r * (h + pad)) * scale
+        draw.text((4, top + (h * scale) // 2 - 5), name, fill=ink, font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path, format="PNG")
     return path
 
 

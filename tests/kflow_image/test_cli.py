@@ -156,6 +156,23 @@ def test_unavailable_device_is_one_line(trained, tmp_path, capsys):
     assert main(["train", "--run-dir", str(tmp_path / "r"), *TINY, "trainer.device=cuda"]) == 2
 
 
+def test_grids_have_one_labelled_row_per_class_and_npz(trained, tmp_path, capsys):
+    import numpy as np
+
+    rows_px = lambda n_rows: (2 + n_rows * (32 + 2)) * 2  # noqa: E731  (pad 2, tiles upscaled x2)
+    with Image.open(trained / "samples.png") as im:  # train: sample.per_class=1 -> 10 rows of 1
+        assert im.size[1] == rows_px(10) and im.size[0] > (2 + 34) * 2  # a label margin left of the tiles
+    out, npz = tmp_path / "grid.png", tmp_path / "raw.npz"
+    assert main(["sample", "--ckpt", str(trained), "--out", str(out), "--npz", str(npz), "--steps", "2"]) == 0
+    with Image.open(out) as im:  # default: 8 per class, one row per class
+        assert im.size[1] == rows_px(10) and im.size[0] > (2 + 8 * 34) * 2
+    z = np.load(npz)
+    assert z["images"].shape == (80, 1, 32, 32) and z["images"].dtype == np.float32
+    assert 0 <= z["images"].min() and z["images"].max() <= 1
+    assert sorted(np.bincount(z["labels"]).tolist()) == [8] * 10
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["npz"] == str(npz)
+
+
 def test_damaged_checkpoints_are_one_line_exit_2(trained, tmp_path, capsys):
     import torch
 

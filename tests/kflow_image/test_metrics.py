@@ -214,3 +214,99 @@ def test_fid_exact_matches_sqrtm_and_works_rank_deficient():
     c, d = rng.standard_normal((12, 50)), rng.standard_normal((12, 50)) + 1.0
     v = fid_exact(c, d)
     assert np.isfinite(v) and v > 0 and abs(v - fid_exact(d, c)) < 1e-8
+
+
+# ---------------------------------------------------------------------------------- MNIST classifier metrics
+def test_conditional_accuracy_and_interval():
+    from kflow_image.metrics import conditional_accuracy
+
+    req = np.repeat(np.arange(10), 20)
+    pred = req.copy()
+    pred[::4] = (pred[::4] + 1) % 10  # every 4th sample wrong: 75 %
+    out = conditional_accuracy(pred, req, n_boot=300)
+    assert out["acc"] == pytest.approx(0.75)
+    assert out["lo"] < 0.75 < out["hi"] and out["hi"] - out["lo"] < 0.2
+    assert out["n"] == 200 and set(out["per_class"]) == set(range(10))
+    perfect = conditional_accuracy(req, req, n_boot=50)
+    assert perfect["acc"] == perfect["lo"] == perfect["hi"] == 1.0
+    with pytest.raises(ValueError):
+        conditional_accuracy(pred[:5], req)
+
+
+def test_frechet_with_ci_brackets_and_separates():
+    from kflow_image.metrics import frechet_with_ci
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    same = frechet_with_ci(a, b, n_boot=50)
+    shifted = frechet_with_ci(a + 1.0, b, n_boot=50)
+    assert same["lo"] <= same["fd"] <= same["hi"]
+    assert shifted["lo"] > same["hi"]  # a shift of 1 per dim (FD ~ 8) is resolved at n = 400
+    assert shifted["fd"] == pytest.approx(8.0, rel=0.15)
+
+
+def test_shift_augment_moves_content():
+    from kflow_image.metrics import _shift_augment
+
+    x = torch.zeros(3, 1, 32, 32)
+    x[:, :, 10, 12] = 1
+    y = _shift_augment(x, 2, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.allclose(y.sum((1, 2, 3)), torch.ones(3))
+    pos = [tuple(torch.nonzero(y[i, 0])[0].tolist()) for i in range(3)]
+    assert all(abs(r - 10) <= 2 and abs(c - 12) <= 2 for r, c in pos)
+
+
+def test_mnist_classifier_learns_and_round_trips(tmp_path, one_thread):
+    """A few seconds of training separates two easy synthetic classes; save/load keeps predictions."""
+    from kflow_image.metrics import (load_mnist_classifier, mnist_scores, save_mnist_classifier,
+                                     train_mnist_classifier)
+
+    g = torch.Generator().manual_seed(0)
+    n = 160
+    x = torch.rand(n, 1, 32, 32, generator=g) * 0.2
+    y = torch.arange(n) % 2
+    x[y == 0, :, 8:24, 14:18] = 1.0  # vertical bar
+    x[y == 1, :, 14:18, 8:24] = 1.0  # horizontal bar
+    clf = train_mnist_classifier(x, y, epochs=3, batch_size=32, max_shift=2, seed=0)
+    pred, feats = clf.predict(x)
+    assert (pred == y.numpy()).mean() > 0.95 and feats.shape == (n, 64)
+    path = save_mnist_classifier(clf, tmp_path / "c.pt", {"note": "test"})
+    again = load_mnist_classifier(path)
+    assert again.info == {"note": "test"}
+    assert np.array_equal(again.predict(x)[0], pred)
+    sc = mnist_scores(again, x, y, x, n_boot=50)
+    assert sc["cond_acc"]["acc"] > 0.95 and sc["fd"]["fd"] < 1e-6 + abs(sc["fd"]["fd"])
+    wrong = mnist_scores(again, x, 1 - y, x, n_boot=50)
+    assert wrong["cond_acc"]["acc"] < 0.05
+    torch.save({"format": "other"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError):
+        load_mnist_classifier(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError):
+        load_mnist_classifier(tmp_path / "missing.pt")
+
+
+def test_shipped_mnist_classifier_is_accurate_on_heldout_digits(one_thread):
+    from kflow_image.data import MNISTDataset
+    from kflow_image.metrics import MNIST_CLASSIFIER_FILE, MNIST_CLASSIFIER_SPLIT, load_mnist_classifier
+
+    if not MNIST_CLASSIFIER_FILE.is_file():
+        pytest.skip("classifier weights not built")
+    assert MNIST_CLASSIFIER_FILE.stat().st_size < 1_000_000
+    clf = load_mnist_classifier()
+    ds = MNISTDataset(None, "test")
+    x = ds._images[MNIST_CLASSIFIER_SPLIT:].float() / 255
+    pred, _ = clf.predict(x)
+    acc = (pred == ds.labels[MNIST_CLASSIFIER_SPLIT:].numpy()).mean()
+    assert acc > 0.95
+    assert clf.info["heldout_acc"] == pytest.approx(acc, abs=1e-9)
+
+
+def test_frechet_psd_matches_sqrtm_and_handles_dead_features():
+    from kflow_image.metrics import frechet_psd
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(300, 6)), rng.normal(size=(300, 6)) * 1.5 + 0.3
+    assert frechet_psd(a, b) == pytest.approx(fid_from_features(a, b), rel=1e-7)
+    a[:, 0] = 0.0  # a dead feature: singular covariance
+    b[:, 0] = 0.0
+    assert np.isfinite(frechet_psd(a, b)) and frechet_psd(a, a) == pytest.approx(0.0, abs=1e-9)

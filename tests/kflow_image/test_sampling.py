@@ -154,3 +154,33 @@ def test_grids_are_written_as_png(tmp_path):
     assert class_drop_grid(task, model, codec, tmp_path / "drop.png", classes=[0, 1], n_per=1, steps=2).is_file()
     assert noise_split_grid(task, model, codec, tmp_path / "split.png", kappa_min=0.5, n=3, rows=2,
                             steps=2).is_file()
+
+
+def test_exact_step_with_estimated_source_is_a_convex_step_towards_the_prediction():
+    """The division by 1 - mu in the source re-estimation cancels in the exact increment.
+
+    ``c' = c_k + (mu' - mu) / (1 - mu) * (c1_hat - c_k)`` with ``0 <= (mu' - mu)/(1 - mu) <= 1``: no coefficient
+    moves past the prediction, however close to revealed it is (Euler with the same source does overshoot).
+    """
+    from kflow.path import KPath
+    from kflow.schedule import BandSchedule
+    from kflow.transforms import FourierTransform
+
+    torch.manual_seed(0)
+    t = FourierTransform((1, 8, 8))
+    path = KPath(t, BandSchedule(0.3, "smoothstep"))
+    x_k, x1_hat, x_0 = torch.randn(3, 4, 1, 8, 8).unbind(0)
+    for k, k_next in [(0.2, 0.25), (0.69, 0.7), (0.95, 0.999), (0.5, 1.0)]:
+        kb, kn = torch.full((4,), k), torch.full((4,), k_next)
+        src = path.estimate_source(x_k, x1_hat, kb, x_0)
+        step = path.increment(src, x1_hat, kb, kn)
+        mu, _ = path.weights(kb, x_k)
+        mu2, _ = path.weights(kn, x_k)
+        safe = (1 - mu) > 1e-4
+        r = torch.where(safe, (mu2 - mu) / (1 - mu).clamp_min(1e-4), torch.zeros_like(mu))
+        assert float(r.min()) >= 0 and float(r.max()) <= 1 + 1e-6
+        expect = t.inverse(torch.where(safe, r * (t(x1_hat) - t(x_k)), (mu2 - mu) * (t(x1_hat) - t(x_0))))
+        assert torch.allclose(step, expect, atol=1e-5)
+        if k_next == 1.0:  # the last step lands on the prediction on every not-yet-revealed coefficient
+            out = t(x_k + step)
+            assert torch.allclose(out[safe.expand_as(out)], t(x1_hat)[safe.expand_as(out)], atol=1e-5)
