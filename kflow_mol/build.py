@@ -5,6 +5,7 @@ with its reason and never stops the batch or loses the good ones.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import signal
@@ -14,12 +15,12 @@ import traceback
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .cif import ORGANIC_ELEMENTS, cluster_from_cif
+from .cif import ORGANIC_ELEMENTS, CifLimits, cluster_from_cif
 from .data import BuildError, ClusterRecord
 from .io import write_raw_pair
 
@@ -98,6 +99,10 @@ def _process(path: str) -> dict:
             row.update(reason=e.reason, message=str(e))
     except _Timeout:
         row.update(timed_out)
+    except MemoryError:
+        lim = _CTX.get("max_memory_gb")
+        row.update(reason="memory", message=f"{path}: rejected (memory): needed more than the per-file limit "
+                   f"of {lim:g} GB" if lim else f"{path}: rejected (memory): out of memory")
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
         if _CTX.get("timed_out"):
             row.update(timed_out)
@@ -113,6 +118,188 @@ def _process(path: str) -> dict:
     return row
 
 
+def limit_memory(max_memory_gb: float | None) -> None:
+    """Cap this process's address space at its current size plus ``max_memory_gb`` (``RLIMIT_AS``): an
+    allocation beyond it raises ``MemoryError`` instead of swapping the machine. For worker processes."""
+    if not max_memory_gb:
+        return
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        vm = 0
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    lim = int(vm + max_memory_gb * 2**30)
+    if hard != resource.RLIM_INFINITY:
+        lim = min(lim, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (lim, hard))
+
+
+def _fork_context():
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods else None)
+
+
+def _child(conn, path: str, ctx: dict) -> None:
+    """Worker process of one file: memory-capped, reports its row through ``conn``."""
+    _init(ctx)
+    limit_memory(ctx.get("max_memory_gb"))
+    try:
+        row = _process(path)
+    except BaseException as e:  # noqa: BLE001 - whatever happens, the parent gets a row
+        row = {"file": path, "id": Path(path).stem, "status": "rejected", "reason": "error",
+               "message": f"{path}: rejected (error): {type(e).__name__}: {e}", "n_atoms": None, "seconds": None}
+    conn.send(row)
+    conn.close()
+
+
+def _run_isolated(jobs: list[str], ctx_vars: dict, workers: int, timeout: float | None, grace: float = 2.0):
+    """Each file in its own forked process (at most ``workers`` at once), memory-capped, killed (SIGKILL) when
+    it runs ``grace`` s past ``timeout`` (the in-process alarm cannot interrupt compiled code); rows in input
+    order."""
+    from multiprocessing.connection import wait
+
+    import pymatgen.io.cif  # noqa: F401 - imported once here (seconds), inherited by every forked worker
+
+    ctx = _fork_context()
+    running: dict[int, tuple] = {}
+    done: dict[int, dict] = {}
+    nxt, emit = 0, 0
+    try:
+        while emit < len(jobs):
+            while nxt < len(jobs) and len(running) < max(int(workers or 1), 1):
+                r, w = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_child, args=(w, jobs[nxt], ctx_vars), daemon=True)
+                proc.start()
+                w.close()
+                running[nxt] = (proc, r, time.perf_counter())
+                nxt += 1
+            wait([r for _, r, _ in running.values()] + [p.sentinel for p, _, _ in running.values()], timeout=0.5)
+            now = time.perf_counter()
+            for i, (proc, r, t0) in list(running.items()):
+                row = None
+                if r.poll():
+                    try:
+                        row = r.recv()
+                    except (EOFError, OSError):
+                        row = None
+                    if row is None:
+                        row = _dead_row(jobs[i], proc, now - t0, ctx_vars)
+                elif not proc.is_alive():
+                    row = _dead_row(jobs[i], proc, now - t0, ctx_vars)
+                elif timeout and now - t0 > timeout + grace:
+                    proc.kill()
+                    row = _base_row(jobs[i], now - t0, "timeout", f"took longer than {timeout} s (killed)")
+                if row is not None:
+                    proc.join(1.0)
+                    r.close()
+                    del running[i]
+                    done[i] = row
+            while emit in done:
+                yield done.pop(emit)
+                emit += 1
+    finally:
+        for proc, r, _ in running.values():
+            proc.kill()
+            proc.join(1.0)
+
+
+def _base_row(path: str, seconds: float, reason: str, detail: str) -> dict:
+    return {"file": path, "id": Path(path).stem, "status": "rejected", "reason": reason,
+            "message": f"{path}: rejected ({reason}): {detail}", "n_atoms": None, "seconds": round(seconds, 4)}
+
+
+def _dead_row(path: str, proc, seconds: float, ctx_vars: dict) -> dict:
+    proc.join(1.0)
+    code = proc.exitcode
+    if code is not None and code < 0 and -code == signal.SIGKILL:  # the kernel's OOM killer
+        return _base_row(path, seconds, "memory", "the worker process was killed (SIGKILL: out of memory?)")
+    return _base_row(path, seconds, "error", f"the worker process died (exit code {code})")
+
+
+def run_limited(fn, *args, timeout: float | None = None, max_memory_gb: float | None = None, what: str = "input"):
+    """``fn(*args)`` in a forked, memory-capped process that is killed after ``timeout`` s.
+
+    Returns its result (picklable); re-raises its exception (a :class:`BuildError` keeps its reason).
+
+    Raises:
+        BuildError: ``timeout`` or ``memory`` naming ``what`` when a limit is hit.
+    """
+    from multiprocessing.connection import wait
+
+    ctx = _fork_context()
+    r, w = ctx.Pipe(duplex=False)
+
+    def target():
+        limit_memory(max_memory_gb)
+        try:
+            out = ("ok", fn(*args))
+        except MemoryError:
+            out = ("memory", None)
+        except BaseException as e:  # noqa: BLE001 - sent to the parent
+            try:
+                import pickle
+
+                pickle.dumps(e)
+                out = ("raise", e)
+            except Exception:  # noqa: BLE001
+                out = ("raise", RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        w.send(out)
+        w.close()
+
+    proc = ctx.Process(target=target, daemon=True)
+    proc.start()
+    w.close()
+    try:
+        ready = wait([r, proc.sentinel], timeout=timeout)
+        if r in ready or r.poll():
+            try:
+                kind, val = r.recv()
+            except EOFError:
+                kind, val = "died", None
+        elif not ready:
+            proc.kill()
+            raise BuildError(what, "timeout", f"took longer than the time limit of {timeout:g} s")
+        else:
+            kind, val = "died", None
+    finally:
+        if proc.is_alive() and not r.poll():
+            proc.kill()
+        proc.join(5.0)
+        r.close()
+    if kind == "ok":
+        return val
+    if kind == "memory" or (kind == "died" and proc.exitcode == -signal.SIGKILL):
+        raise BuildError(what, "memory", f"needed more than the memory limit of {max_memory_gb:g} GB"
+                         if max_memory_gb else "out of memory")
+    if kind == "died":
+        raise RuntimeError(f"the worker process reading {what} died (exit code {proc.exitcode})")
+    raise val
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None, what: str = "input"):
+    """Raise :class:`BuildError` (``timeout``) in this thread when the block runs longer than ``seconds``
+    (SIGALRM; interrupts Python code between operations, e.g. between torch calls). No-op without a limit,
+    off the main thread or without ``setitimer``."""
+    if not seconds or not hasattr(signal, "setitimer") or not _in_main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise BuildError(what, "timeout", f"took longer than the time limit of {seconds:g} s (--timeout)")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _in_main_thread() -> bool:
     import threading
 
@@ -122,7 +309,8 @@ def _in_main_thread() -> bool:
 def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None = None, seed: int = 0,
                   max_atoms: int = 200, progress: bool = True, allow_mirror: bool = False,
                   allowed_elements=ORGANIC_ELEMENTS, timeout: float | None = 60.0, pattern: str = "*.cif",
-                  noise: Callable | None = None) -> dict:
+                  noise: Callable | None = None, limits: CifLimits | None = None,
+                  max_memory_gb: float | None = 4.0, isolate: bool = True) -> dict:
     """Build COD-Cluster17-style clusters from every CIF in a folder.
 
     Args:
@@ -138,9 +326,15 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
         progress: show a tqdm bar.
         allow_mirror: accept racemic crystals (mirror-image copies), see :func:`cluster_from_cif`.
         allowed_elements: accepted element symbols.
-        timeout: per-file limit in seconds (SIGALRM; None = no limit).
+        timeout: per-file limit in seconds (None = no limit): an alarm inside the worker, and the worker is
+            killed 2 s later if compiled code ignored the alarm.
         pattern: glob for input files.
         noise: alias of ``noise_fn``.
+        limits: caps checked before a CIF is expanded (default :class:`kflow_mol.cif.CifLimits`).
+        max_memory_gb: address space each worker may add to what it starts with (``RLIMIT_AS``; None = no
+            limit); a file that needs more is rejected with reason ``memory``.
+        isolate: one forked worker process per file (the default; memory cap and kill apply). ``False`` runs
+            in this process (``workers <= 1``) or a pool, with the alarm only.
 
     Returns:
         The summary dict (also written to ``summary.json``): counts per status and reason, ids, timings.
@@ -156,8 +350,10 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
     if not files:
         raise BuildError(cif_dir, "bad_input", f"no files matching '{pattern}'")
     out_dir.mkdir(parents=True, exist_ok=True)
-    kw = {"max_atoms": max_atoms, "allow_mirror": allow_mirror, "allowed_elements": frozenset(allowed_elements)}
-    ctx_vars = {"out_dir": str(out_dir), "noise_fn": noise_fn, "seed": seed, "kw": kw, "timeout": timeout}
+    kw = {"max_atoms": max_atoms, "allow_mirror": allow_mirror, "allowed_elements": frozenset(allowed_elements),
+          "limits": limits or CifLimits()}
+    ctx_vars = {"out_dir": str(out_dir), "noise_fn": noise_fn, "seed": seed, "kw": kw, "timeout": timeout,
+                "max_memory_gb": max_memory_gb}
     jobs = [str(f) for f in files]
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -177,7 +373,9 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
                     bar.update(1)
                     bar.set_postfix(ok=sum(r["status"] == "accepted" for r in rows))
 
-        if workers is None or workers <= 1:
+        if isolate:
+            consume(_run_isolated(jobs, ctx_vars, workers, timeout))
+        elif workers is None or workers <= 1:
             _init(ctx_vars)
             consume(map(_process, jobs))
         else:
@@ -204,6 +402,7 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
         "max_atoms": max_atoms,
         "allow_mirror": allow_mirror,
         "workers": workers,
+        "limits": {**asdict(kw["limits"]), "timeout_s": timeout, "max_memory_gb": max_memory_gb},
         "seconds_total": round(total, 3),
         "seconds_per_file_mean": round(float(secs.mean()), 4),
         "seconds_per_file_max": round(float(secs.max()), 4),

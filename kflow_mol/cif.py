@@ -34,17 +34,19 @@ Pipeline (all deterministic, vectorised over atom pairs):
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
-from ase.data import covalent_radii
+from ase.data import atomic_numbers, covalent_radii
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 
-from .data import N_MOLECULES, OVERLAP_DISTANCE, BuildError, ClusterRecord
+from .data import MAX_COORDINATE, N_MOLECULES, OVERLAP_DISTANCE, BuildError, ClusterRecord
 from .frames import frame_from_vectors
+from .limits import CifLimits
 from .so3 import kabsch_np
 
 #: Elements accepted in a molecule (organic set). Metals and noble gases, As, Te, etc. are rejected.
@@ -66,6 +68,295 @@ def _num(s) -> float:
     if s in ("?", "."):
         return float("nan")
     return float(s.split("(")[0])
+
+
+MIN_CELL_LENGTH = 1.0  # Å: no molecular crystal has a shorter cell edge; smaller values are corrupt numbers
+MAX_FRACTIONAL = 10.0  # fractional coordinates are fractions of the cell (COD uses -1..2); 1e8 is a corrupt number
+
+# one CIF 1.1 token: a quoted string (a quote inside it is allowed when not followed by a blank) or a bare word
+_TOKEN = re.compile(r"""'(?:[^']|'(?=\S))*'(?=\s|$)|"(?:[^"]|"(?=\S))*"(?=\s|$)|\S+""")
+
+
+def _check_text(path, text: str) -> None:
+    """Reject a truncated file or a broken loop from the raw text (pymatgen would misread or crash on it).
+
+    A file is ``truncated`` when it ends inside a ``;`` text field, inside a quoted string, after a tag without
+    its value, with an incomplete last loop row, or without a final newline inside the atom-site loop (a file cut
+    mid-line; its last atoms are lost). A loop elsewhere whose values do not fill its rows is ``unparsable``
+    (with its line). A file cut exactly at the end of a line of the atom list cannot be told from a complete one.
+    """
+    if not text.strip():
+        raise BuildError(path, "unparsable", "the file is empty")
+    lines = text.splitlines()
+    state, cols, nval, loop_line = None, [], 0, 0  # state: None | "header" | "body"
+    pending = None  # (tag, line) of a tag still waiting for its value
+    field_line = 0  # line where an open ;-text field started (0: none)
+
+    def close_loop():
+        nonlocal state
+        if state in ("header", "body"):
+            rest = nval % max(len(cols), 1)
+            if state == "header" or rest:
+                return f"the loop of {cols[0]} (line {loop_line}) has {nval} values for {len(cols)} columns"
+        state = None
+        return None
+
+    def value():
+        nonlocal state, nval, pending
+        if state == "header":
+            state = "body"
+        if state == "body":
+            nval += 1
+        pending = None
+
+    for ln, line in enumerate(lines, 1):
+        if field_line:
+            if line.startswith(";"):
+                field_line = 0
+                value()
+            continue
+        if line.startswith(";"):
+            field_line = ln
+            continue
+        for tok in _TOKEN.findall(line):
+            if tok.startswith("#"):
+                break
+            if tok[0] in "'\"" and not (len(tok) > 1 and tok[-1] == tok[0]):
+                what = f"an unterminated quoted string on line {ln} ({tok[:30]!r})"
+                if ln == len(lines):
+                    raise BuildError(path, "truncated", f"the file ends with {what}")
+                raise BuildError(path, "unparsable", what)
+            low = tok.lower()
+            if low == "loop_" or low.startswith(("data_", "global_", "save_")) or tok.startswith("_"):
+                if pending is not None and not (tok.startswith("_") and state == "header"):
+                    raise BuildError(path, "unparsable", f"tag {pending[0]} (line {pending[1]}) has no value")
+                if state == "body" or (state == "header" and not tok.startswith("_")):
+                    err = close_loop()
+                    if err:
+                        raise BuildError(path, "unparsable", err)
+                    state = None
+                if low == "loop_":
+                    state, cols, nval, loop_line = "header", [], 0, ln
+                elif tok.startswith("_") and state == "header":
+                    cols.append(tok)
+                elif tok.startswith("_"):
+                    pending = (tok, ln)
+            else:
+                value()
+    if field_line:
+        raise BuildError(path, "truncated", f"the text field opened by ';' on line {field_line} is never closed")
+    if pending is not None:
+        raise BuildError(path, "truncated", f"the file ends after tag {pending[0]} without its value")
+    in_loop = state == "body"
+    err = close_loop()
+    if err:
+        raise BuildError(path, "truncated", f"{err}: the last row is incomplete")
+    # a cut on a value boundary inside the atom list (the atoms after it lost) leaves only the missing final
+    # newline as a trace; a complete file that merely lacks one at the end of another loop (COD 8102326) is fine
+    atoms = any(c.lower().startswith("_atom_site_") and not c.lower().startswith("_atom_site_aniso") for c in cols)
+    if in_loop and atoms and not text.endswith(("\n", "\r")):
+        raise BuildError(path, "truncated", f"the file ends mid-line inside the loop of {cols[0]} (line "
+                         f"{loop_line}) without a final newline; if the file is complete, end it with a newline")
+
+
+def _cell_matrix(a, b, c, al, be, ga) -> np.ndarray:
+    """Rows are the lattice vectors (a along x, b in the xy plane), from lengths (Å) and angles (degrees)."""
+    ca, cb, cg = np.cos(np.radians([al, be, ga]))
+    sg = np.sin(np.radians(ga))
+    cx = cb
+    cy = (ca - cb * cg) / sg
+    cz = np.sqrt(max(1.0 - cx**2 - cy**2, 0.0))
+    return np.array([[a, 0, 0], [b * cg, b * sg, 0], [c * cx, c * cy, c * cz]])
+
+
+def _first(v):
+    return v[0] if isinstance(v, list) else v
+
+
+def _check_block(path, parser, block, limits: CifLimits) -> None:
+    """Cell, coordinates, symmetry operators and sizes of a data block, checked before any expansion.
+
+    Raises:
+        BuildError: ``bad_cell`` (missing/non-positive lengths, angles outside (0, 180) or not forming a cell),
+            ``bad_coordinates`` (non-numbers, non-finite or absurd values), ``bad_symmetry`` (an operator that is
+            not an isometry of the cell, or operators that do not form a group), ``too_large`` (a limit of
+            :class:`CifLimits`).
+    """
+    d = block.data
+    cell = []
+    for tag in ("_cell_length_a", "_cell_length_b", "_cell_length_c",
+                "_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma"):
+        raw = d.get(tag)
+        if raw is None:
+            raise BuildError(path, "bad_cell", f"{tag} is missing")
+        try:
+            x = _num(_first(raw))
+        except ValueError:
+            raise BuildError(path, "bad_cell", f"{tag} = {_first(raw)!r} is not a number") from None
+        if not np.isfinite(x):
+            raise BuildError(path, "bad_cell", f"{tag} = {_first(raw)!r} is not a finite number")
+        if "length" in tag:
+            if x < MIN_CELL_LENGTH:
+                raise BuildError(path, "bad_cell", f"{tag} = {x:g} Å: cell lengths must be >= {MIN_CELL_LENGTH:g} Å")
+            if x > limits.max_cell_length:
+                raise BuildError(path, "too_large", f"{tag} = {x:g} Å > max_cell_length {limits.max_cell_length:g} Å")
+        elif not 0.0 < x < 180.0:
+            raise BuildError(path, "bad_cell", f"{tag} = {x:g}°: cell angles must lie strictly between 0 and 180°")
+        cell.append(x)
+    ca, cb, cg = np.cos(np.radians(cell[3:]))
+    r = 1 - ca**2 - cb**2 - cg**2 + 2 * ca * cb * cg
+    if r <= 1e-6:  # each angle must be smaller than the sum of the other two, and their sum < 360
+        raise BuildError(path, "bad_cell", f"the angles {cell[3]:g}, {cell[4]:g}, {cell[5]:g}° do not form a cell "
+                         "(zero or imaginary volume)")
+    volume = cell[0] * cell[1] * cell[2] * np.sqrt(r)
+    if volume > limits.max_cell_volume:
+        raise BuildError(path, "too_large", f"cell volume {volume:.4g} Å^3 > max_cell_volume "
+                         f"{limits.max_cell_volume:g} Å^3")
+
+    labels = d.get("_atom_site_label")
+    frac = all(f"_atom_site_fract_{k}" in d for k in "xyz")
+    cols = [d.get(f"_atom_site_{'fract' if frac else 'Cartn'}_{k}") for k in "xyz"]
+    if any(c is None for c in cols):
+        raise BuildError(path, "bad_coordinates", "the atom sites lack fract_x/y/z (or Cartn_x/y/z) coordinates")
+    cols = [c if isinstance(c, list) else [c] for c in cols]
+    n_sites = len(cols[0])
+    bound = MAX_FRACTIONAL if frac else MAX_COORDINATE
+    for k, col in zip("xyz", cols):
+        for i, v in enumerate(col):
+            name = labels[i] if isinstance(labels, list) and i < len(labels) else f"#{i + 1}"
+            try:
+                x = _num(v)
+            except ValueError:
+                raise BuildError(path, "bad_coordinates", f"atom {name}: {k} = {v!r} is not a number") from None
+            if not np.isfinite(x):
+                raise BuildError(path, "bad_coordinates", f"atom {name}: {k} = {v!r} is not a finite number")
+            if abs(x) > bound:
+                raise BuildError(path, "bad_coordinates", f"atom {name}: {k} = {x:.4g} is absurd (|{k}| <= {bound:g} "
+                                 f"{'for a fractional coordinate' if frac else 'Å'})")
+
+    ops = None
+    for tag in ("_symmetry_equiv_pos_as_xyz", "_space_group_symop_operation_xyz",
+                "_symmetry_equiv_pos_as_xyz_", "_space_group_symop_operation_xyz_"):
+        if d.get(tag):  # read strictly: pymatgen reads '2*x' as 'x+2' and drops a list it cannot read
+            ops = [_parse_xyz(path, str(x), tag) for x in (d[tag] if isinstance(d[tag], list) else [d[tag]])]
+            _check_centring(path, d, ops)
+            break
+    if ops is None:  # operators from the space-group symbol (pymatgen's tables)
+        try:
+            ops = [(np.asarray(o.rotation_matrix), np.asarray(o.translation_vector), o.as_xyz_str())
+                   for o in parser.get_symops(block)]
+        except Exception:  # noqa: BLE001 - pymatgen reports an unusable space group itself when it expands
+            return
+    if len(ops) > limits.max_symops:
+        raise BuildError(path, "too_large", f"{len(ops)} symmetry operators > max_symops {limits.max_symops}")
+    if n_sites * max(len(ops), 1) > limits.max_cell_atoms:
+        raise BuildError(path, "too_large", f"{n_sites} sites x {len(ops)} operators = up to "
+                         f"{n_sites * len(ops)} atoms in the cell > max_cell_atoms {limits.max_cell_atoms}")
+    _check_symops(path, ops, _cell_matrix(*cell))
+
+
+_CENTRING = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "F": 4}  # lattice points per cell of each centring letter
+
+
+def _check_centring(path, d: dict, ops) -> None:
+    """The pure translations in an explicit operator list must match the centring letter of the space-group
+    symbol (an added ``x+1/2, y, z`` turns a primitive crystal into another one)."""
+    sym = None
+    for tag in ("_symmetry_space_group_name_H-M", "_space_group_name_H-M_alt"):
+        if d.get(tag):
+            sym = str(_first(d[tag])).strip().strip("'\"").strip()
+            break
+    if not sym or sym[0].upper() not in _CENTRING:
+        return
+    shifts = []
+    for W, t, _ in ops:
+        if np.array_equal(W, np.eye(3)):
+            t = t % 1.0
+            if not any(np.all(np.abs((t - u + 0.5) % 1.0 - 0.5) < 1e-3) for u in shifts):
+                shifts.append(t)
+    want = _CENTRING[sym[0].upper()]
+    if len(shifts) != want:
+        raise BuildError(path, "bad_symmetry", f"the operator list has {len(shifts)} pure translation(s) "
+                         f"(x+t, y+t, z+t) but space group '{sym}' has {want} lattice point(s) per cell")
+
+
+_XYZ_TERM = re.compile(r"\s*([+-]?)\s*(\d+\.?\d*(?:/\d+)?|\.\d+)?\s*(\*?)\s*([xyz]?)\s*", re.IGNORECASE)
+
+
+def _parse_xyz(path, text: str, tag: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """``'-x+1/2, y, z'`` -> ``(W (3, 3), t (3,), text)`` with ``x' = W x + t`` (fractional), read strictly."""
+    s = text.strip().strip("'\"")
+    parts = s.split(",")
+    if len(parts) != 3:
+        raise BuildError(path, "bad_symmetry", f"operator {text[:40]!r} ({tag}) does not have 3 components")
+    W, t = np.zeros((3, 3)), np.zeros(3)
+    for i, part in enumerate(parts):
+        pos, terms = 0, 0
+        part = part.strip()
+        while pos < len(part):
+            m = _XYZ_TERM.match(part, pos)
+            sign, num, star, var = m.groups() if m else (None,) * 4
+            if not m or m.end() == pos or not (num or var) or (star and not (num and var)) \
+                    or (terms and not sign):
+                raise BuildError(path, "bad_symmetry", f"operator {text[:40]!r} ({tag}) cannot be read")
+            try:
+                val = float(_fraction(num)) if num else 1.0
+            except (ValueError, ZeroDivisionError):
+                raise BuildError(path, "bad_symmetry", f"operator {text[:40]!r} ({tag}) cannot be read") from None
+            val = -val if sign == "-" else val
+            if var:
+                W[i, "xyz".index(var.lower())] += val
+            else:
+                t[i] += val
+            pos, terms = m.end(), terms + 1
+        if not terms:
+            raise BuildError(path, "bad_symmetry", f"operator {text[:40]!r} ({tag}) has an empty component")
+    return W, t, s
+
+
+def _fraction(num: str) -> float:
+    """``'1/2'`` -> 0.5, ``'0.25'`` -> 0.25."""
+    a, _, b = num.partition("/")
+    return float(a) / float(b) if b else float(a)
+
+
+def _check_symops(path, ops, lattice: np.ndarray, tol: float = 1e-3) -> None:
+    """Every operator ``(W, t, text)`` must be an isometry of the cell (integer rotation part ``W`` with
+    ``W^T G W = G`` for the metric ``G``) and together they must form a group modulo lattice translations (so an
+    extra ``x+1/2,y,z`` or a mistyped operator is caught before it builds a different crystal)."""
+    G = lattice @ lattice.T
+    Ws, ts = [], []
+    for W, t, xyz in ops:
+        W, t = np.asarray(W, dtype=float), np.asarray(t, dtype=float)
+        if not (np.all(np.isfinite(W)) and np.all(np.isfinite(t))):
+            raise BuildError(path, "bad_symmetry", f"operator '{xyz}' has non-finite entries")
+        Wi = np.rint(W)
+        if np.abs(W - Wi).max() > 1e-6 or abs(abs(np.linalg.det(Wi)) - 1) > 1e-6 or \
+                np.abs(Wi.T @ G @ Wi - G).max() > 1e-2 * np.abs(G).max():
+            raise BuildError(path, "bad_symmetry", f"operator '{xyz}' is not an isometry of the cell (it changes "
+                             "lengths or angles; a mistyped operator, or a space group that does not fit the cell)")
+        Ws.append(Wi)
+        ts.append(t % 1.0)
+    # closure: W_a W_b must be one of the rotation parts, with W_a t_b + t_a = its translation mod 1; a dict on
+    # the integer rotation part keeps this O(n^2) (192 operators: 37k products) instead of O(n^3)
+    by_w: dict[bytes, list[np.ndarray]] = {}
+    for W, t in zip(Ws, ts):
+        by_w.setdefault(W.astype(np.int8).tobytes(), []).append(t)
+    by_w = {k: np.stack(v) for k, v in by_w.items()}
+    W, t = np.stack(Ws), np.stack(ts)
+    for a in range(len(Ws)):
+        W2 = np.rint(np.einsum("ij,bjk->bik", W[a], W)).astype(np.int8)  # W_a W_b for every b
+        t2 = t @ W[a].T + t[a]
+        for b in range(len(Ws)):
+            cand = by_w.get(W2[b].tobytes())
+            ok = False
+            if cand is not None:
+                dt = cand - t2[b]
+                ok = bool(np.any(np.all(np.abs(dt - np.rint(dt)) < 10 * tol, axis=1)))
+            if not ok:
+                raise BuildError(path, "bad_symmetry", f"the {len(Ws)} symmetry operators do not form a group: "
+                                 f"'{ops[b][2]}' followed by '{ops[a][2]}' is not in the list (an extra, missing or "
+                                 "mistyped operator)")
 
 
 def _raw_disorder(block_data: dict) -> str | None:
@@ -119,22 +410,31 @@ def _raw_elements(block_data: dict) -> list[str] | None:
     return sorted(out)
 
 
-def _parse(path: Path, allowed_elements=None):
-    """Parse the first structure of a CIF.
+def _parse(path: Path, allowed_elements=None, limits: CifLimits | None = None):
+    """Parse the first structure of a CIF, after the text and cell checks (:func:`_check_text`,
+    :func:`_check_block`) that keep a broken or oversized file from being expanded.
 
     Returns:
         ``(structure, warnings, disorder)``: pymatgen Structure (possibly disordered), the parser's warning
         messages, and a description of the disorder visible in the CIF text (or None).
 
     Raises:
-        BuildError: ``unparsable`` (or ``disorder`` when a disordered file also fails to parse).
+        BuildError: ``unparsable`` (or ``disorder`` when a disordered file also fails to parse), ``truncated``,
+            ``bad_cell``, ``bad_coordinates``, ``bad_symmetry``, ``too_large``.
     """
     from pymatgen.io.cif import CifParser  # lazy: pymatgen takes seconds to import
 
+    limits = limits or CifLimits()
     try:
-        text = path.read_text(errors="replace")
+        size = path.stat().st_size
+        if size > limits.max_file_mb * 2**20:
+            raise BuildError(path, "too_large", f"the file has {size / 2**20:.1f} MB > {limits.max_file_mb:g} MB "
+                             "(max_file_mb)")
+        # a UTF-8 byte-order mark (some Windows editors write one) is not part of the CIF
+        text = path.read_bytes().decode("utf-8", errors="replace").removeprefix("\ufeff")
     except OSError as e:
         raise BuildError(path, "unparsable", f"cannot read file: {e}") from None
+    _check_text(path, text)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -149,6 +449,7 @@ def _parse(path: Path, allowed_elements=None):
         raw_el = _raw_elements(blocks[0].data) if allowed_elements is not None else None
         if raw_el is not None and set(raw_el) - set(allowed_elements):
             _check_elements(path, raw_el, allowed_elements)
+        _check_block(path, parser, blocks[0], limits)  # cell, coordinates, operators, sizes: before expanding
         try:
             structures = parser.parse_structures(primitive=False, on_error="raise")
         except Exception as e:  # noqa: BLE001
@@ -167,10 +468,10 @@ def _parse(path: Path, allowed_elements=None):
 
 
 def _check_elements(path, symbols: list[str], allowed) -> None:
-    from pymatgen.core.periodic_table import Element
-
     bad = sorted(set(symbols) - set(allowed))
     if bad:
+        from pymatgen.core.periodic_table import Element  # lazy: only to name metals
+
         metals = []
         for s in bad:
             try:
@@ -178,12 +479,53 @@ def _check_elements(path, symbols: list[str], allowed) -> None:
                     metals.append(s)
             except ValueError:
                 pass
-        ok = ", ".join(sorted(allowed, key=lambda s: Element(s).Z))
+        ok = ", ".join(sorted(allowed, key=lambda s: atomic_numbers[s]))
         if metals:
             raise BuildError(path, "metal", f"contains {', '.join(metals)} (accepted elements: {ok})")
         raise BuildError(path, "element", f"contains {', '.join(bad)} (accepted elements: {ok})")
     if "H" not in symbols:
         raise BuildError(path, "no_hydrogen", "the structure has no H atoms")
+
+
+def check_molecule(path, species, positions=None, max_atoms: int = 200, allowed_elements=ORGANIC_ELEMENTS,
+                   bond_tolerance: float = BOND_TOLERANCE) -> None:
+    """The CIF route's rules for one molecule that comes from anywhere else (SMILES, SDF/MOL/XYZ, official CSV,
+    XYZ cluster), with the same reason codes: accepted elements (``metal``/``element``), H present
+    (``no_hydrogen``), at most ``max_atoms`` atoms (``too_many_atoms``), not a single atom or linear
+    (``flat_molecule``) and one bonded component (``multiple_components``: a salt, a co-crystal, two molecules).
+
+    Args:
+        path: the source named in the error (file or ``"SMILES '...'"``).
+        species: ``(n,)`` atomic numbers.
+        positions: ``(n, 3)`` Cartesian coordinates (Å); ``None`` checks only composition and size.
+
+    Raises:
+        BuildError: with the reason of the first rule broken.
+    """
+    from ase.data import chemical_symbols
+
+    z = np.asarray(species, dtype=np.int64).reshape(-1)
+    _check_elements(path, sorted({chemical_symbols[int(k)] for k in z}), allowed_elements)
+    n = len(z)
+    if n > max_atoms:
+        raise BuildError(path, "too_many_atoms", f"{n} atoms per molecule > max_atoms={max_atoms}")
+    if n < 3:
+        raise BuildError(path, "flat_molecule", f"a molecule of {n} atom(s) has no orientation")
+    if positions is None:
+        return
+    x = np.asarray(positions, dtype=np.float64).reshape(n, 3)
+    sv = np.linalg.svd(x - x.mean(0), compute_uv=False) / np.sqrt(n)
+    if sv[1] < 0.1:
+        raise BuildError(path, "flat_molecule",
+                         f"molecule with {n} atoms is linear (extents {np.round(sv, 3).tolist()} A)")
+    r = covalent_radii[z]
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    adj = (d < r[:, None] + r[None] + bond_tolerance) & ~np.eye(n, dtype=bool)
+    n_comp, labels = connected_components(coo_matrix(adj), directed=False)
+    if n_comp > 1:
+        forms = ["".join(f"{e}{k}" for e, k in _formula_counts(z[labels == c])) for c in range(n_comp)]
+        raise BuildError(path, "multiple_components", f"the molecule falls apart into {n_comp} bonded "
+                         f"components ({', '.join(forms[:6])}); one molecule per copy is required")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -310,7 +652,8 @@ def match_rigid(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
 # --------------------------------------------------------------------------------------------------------
 def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
                      allowed_elements=ORGANIC_ELEMENTS, rmsd_tol: float = RMSD_TOL,
-                     bond_tolerance: float = BOND_TOLERANCE, allow_mirror: bool = False) -> ClusterRecord:
+                     bond_tolerance: float = BOND_TOLERANCE, allow_mirror: bool = False,
+                     limits: CifLimits | None = None) -> ClusterRecord:
     """Cut a ``n_molecules`` cluster (central molecule + nearest by centroid) out of a molecular crystal.
 
     Args:
@@ -324,17 +667,18 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
             chiral molecules/conformers); they are stored as exact *improper* images in template atom order
             and counted in ``meta["n_mirror_copies"]``. Off by default: every copy is then a proper rigid
             motion of molecule 0.
+        limits: size caps checked before the symmetry expansion (default :class:`CifLimits`).
 
     Returns:
         :class:`ClusterRecord` with ``final`` of shape ``(n_molecules, n, 3)`` and ``initial=None``.
 
     Raises:
-        BuildError: with ``reason`` one of unparsable, disorder, metal, element, no_hydrogen, polymeric,
-            multiple_components, too_many_atoms, flat_molecule, multiple_conformers, racemic,
-            too_few_molecules.
+        BuildError: with ``reason`` one of unparsable, truncated, bad_cell, bad_coordinates, bad_symmetry,
+            too_large, disorder, metal, element, no_hydrogen, polymeric, multiple_components, too_many_atoms,
+            flat_molecule, multiple_conformers, racemic, too_few_molecules.
     """
     path = Path(path)
-    structure, msgs, disorder = _parse(path, allowed_elements)
+    structure, msgs, disorder = _parse(path, allowed_elements, limits)
     # chemistry first (a metal complex is rejected as "metal" even when it is also disordered)
     elements = sorted({el.symbol for el in structure.composition.elements})
     _check_elements(path, elements, allowed_elements)

@@ -152,6 +152,7 @@ def cmd_train(args, extra) -> int:
     trainer = Trainer(model, task.loss, train, Collator(resample, noise), tcfg,
                       eval_fn=eval_fn if val else None, eval_every=int(cfg.eval_every),
                       run_config=to_container(cfg))
+    trainer.sample_unit = "clusters"  # progress lines: "... 3.2 clusters/s ..."
     trainer.fit(resume=args.resume)
     if not trainer.is_main:
         return 0
@@ -272,10 +273,21 @@ def _check_args(args) -> None:
             raise InputError(f"--{flag.replace('_', '-')} {d} is not a directory")
     if args.cmd == "assemble" and Path(args.out).is_file():
         raise InputError(f"--out {args.out} is a file: give a folder")
-    for flag, low in (("steps", 1), ("workers", 1), ("max_atoms", 1), ("limit", 0), ("threads", 0)):
+    for flag, low in (("steps", 1), ("workers", 1), ("max_atoms", 1), ("limit", 0), ("threads", 0), ("timeout", 0),
+                      ("max_memory_gb", 0), ("max_cell_volume", 1), ("max_cell_atoms", 1), ("max_symops", 1),
+                      ("max_cell_length", 1)):
         v = getattr(args, flag, None)
         if v is not None and v < low:
             raise InputError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+
+
+def _cif_limits(args):
+    """The pre-expansion caps of a CIF from the command's flags (defaults where a command has none)."""
+    from .limits import CifLimits
+
+    d = CifLimits()
+    return CifLimits(**{k: getattr(args, k, None) or getattr(d, k) for k in
+                        ("max_cell_length", "max_cell_volume", "max_cell_atoms", "max_symops")})
 
 
 def _cluster_input(args):
@@ -292,7 +304,7 @@ def _cluster_input(args):
     src = _input_file(args.input)
     suf = src.suffix.lower()
     if suf == ".cif":
-        return cluster_from_cif(src), True
+        return cluster_from_cif(src, limits=_cif_limits(args)), True
     if suf == ".csv":
         root = src.parents[2] if src.parent.name in ("FinalPositions", "InitialPositions") else src.parent
         cid = src.name.split("_cluster16")[0]
@@ -304,7 +316,9 @@ def _cluster_input(args):
         species, pos = read_cluster_xyz(src)
         rec = ClusterRecord(src.stem, np.asarray(species), np.asarray(pos), np.asarray(pos), {"source": str(src)})
         return rec, "loose-only"
-    except BuildError:
+    except BuildError as err:
+        if err.reason != "bad_input":  # a 17-molecule cluster whose molecule breaks a rule (metal, ...)
+            raise
         species, pos = read_single_molecule(src)
         return _single(species, pos, src.stem), False
 
@@ -325,6 +339,25 @@ def _single(species, pos, name):
 
 
 def cmd_assemble(args, extra) -> int:
+    import time
+
+    t_start = time.perf_counter()
+    from .build import deadline, run_limited
+
+    device = check_device(args.device or "cpu")
+    what = args.input or f"SMILES '{args.smiles}'"
+    # a bad input is reported before the model loads; reading it (a CIF's symmetry expansion) runs in a worker
+    # that is killed at the time limit and memory-capped, the rest of the command runs under the same deadline
+    record, known = run_limited(_cluster_input, args, timeout=args.timeout or None,
+                                max_memory_gb=args.max_memory_gb or None, what=what)
+    t_read = time.perf_counter() - t_start
+    with deadline(max(args.timeout - (time.perf_counter() - t_start), 1e-3) if args.timeout else None, what):
+        return _assemble(args, record, known, device, t_start, t_read)
+
+
+def _assemble(args, record, known, device, t_start, t_read) -> int:
+    import time
+
     import numpy as np
 
     from kflow.utils import atomic_write_text
@@ -336,8 +369,6 @@ def cmd_assemble(args, extra) -> int:
     from .render import render_clusters
     from .task import make_batch
 
-    device = check_device(args.device or "cpu")
-    record, known = _cluster_input(args)  # a bad input is reported before the model loads
     model, task, noise, cfg, info, p = load_model(args.ckpt, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -376,8 +407,10 @@ def cmd_assemble(args, extra) -> int:
         if known is True:
             metrics["refined"]["model"] = evaluate_cluster(ref, prep["final"], species, prep["perms"])
         panels["refined"] = ref
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
     render_clusters(panels, species, out / "assembled.png", title=f"{record.id}")
+    metrics["seconds_total"] = time.perf_counter() - t_start  # reading, model, sampling, scoring, writing
+    metrics["seconds_read_input"] = t_read
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
     if known is True:
         print(f"{record.id}: PM-atom {metrics['model']['pm_atom']:.2f} Å (symmetry-aware "
               f"{metrics['model']['pm_atom_symmetry_aware']:.2f}); do-nothing "
@@ -388,6 +421,8 @@ def cmd_assemble(args, extra) -> int:
         print(f"refined (reported separately): {metrics['refined']['clashes']['clashes']} clashes"
               + (f", PM-atom {rm['pm_atom']:.2f} Å (symmetry-aware {rm['pm_atom_symmetry_aware']:.2f})" if rm else ""))
     _warn_clashes(record.id, metrics)
+    print(f"time: sampling {res['seconds']:.2f} s ({res['evaluations']} model evaluations); total "
+          f"{metrics['seconds_total']:.2f} s (reading the input {t_read:.2f} s)")
     print(f"wrote {out}/assembled.cif, assembled.extxyz, trajectory.extxyz, assembled.png, metrics.json")
     return 0
 
@@ -398,7 +433,8 @@ def cmd_build(args, extra) -> int:
     noise_cfg = instantiate(compose("mol", extra).noise)
     summary = build_dataset(args.cif_dir, args.out, workers=args.workers,
                             noise_fn=None if args.no_noise else LooseNoise(noise_cfg), seed=args.seed,
-                            max_atoms=args.max_atoms, progress=True)
+                            max_atoms=args.max_atoms, progress=True, limits=_cif_limits(args),
+                            timeout=args.timeout or None, max_memory_gb=args.max_memory_gb or None)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("ids",)}, indent=1, default=str))
     return 0
 
@@ -450,6 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn, takes_overrides=takes_overrides)
         return p
 
+    def limit_flags(p, timeout_help):
+        from .limits import CifLimits  # no heavy import: --help stays fast
+
+        d = CifLimits()
+        p.add_argument("--timeout", type=float, default=60.0 if p.prog.endswith("build-dataset") else 300.0,
+                       help=f"time limit in seconds, {timeout_help} (0 = none; default: %(default)g)")
+        p.add_argument("--max-memory-gb", type=float, default=4.0,
+                       help="memory a worker may add to its start size (RLIMIT_AS; 0 = none; default: %(default)g)")
+        p.add_argument("--max-cell-volume", type=float, default=d.max_cell_volume,
+                       help="largest CIF cell volume in Å^3, checked before expanding (default: %(default)g)")
+        p.add_argument("--max-cell-atoms", type=int, default=d.max_cell_atoms,
+                       help="most atoms a CIF cell may expand to, sites x symmetry operators (default: %(default)d)")
+        p.add_argument("--max-symops", type=int, default=d.max_symops,
+                       help="most symmetry operators in a CIF (default: %(default)d)")
+        p.add_argument("--max-cell-length", type=float, default=d.max_cell_length,
+                       help="longest CIF cell edge in Å (default: %(default)g)")
+
     def data_flags(p, device_default):
         p.add_argument("--data", help="cod17-mini (shipped), cod17-5k / cod17-10k / cod17-all (official raw files "
                                       "under --data-root), or a folder of CIFs / of raw/ CSVs")
@@ -495,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a refined cluster (rigid-body UFF pair-energy minimisation with restrained "
                         "centroids): refined.cif/.extxyz, its metrics beside the unrefined ones")
 
+    limit_flags(p, "for the whole command; reading the input runs in a worker that is killed")
+
     p = command("build-dataset", "cut 17-molecule clusters from a folder of CIFs (official layout)", cmd_build)
     p.add_argument("--cif-dir", required=True, help="folder of crystal CIFs (*.cif)")
     p.add_argument("--out", required=True, help="output root: raw/FinalPositions, raw/InitialPositions, report.jsonl")
@@ -502,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed of the loose states (per file: seed and file id)")
     p.add_argument("--max-atoms", type=int, default=200, help="largest accepted molecule, in atoms (default: 200)")
     p.add_argument("--no-noise", action="store_true", help="write FinalPositions only")
+    limit_flags(p, "per file: an alarm, then the file's worker process is killed")
 
     p = command("inspect", "describe a cluster and render loose vs packed", cmd_inspect)
     p.add_argument("input", help="CIF, official CSV, or XYZ cluster")

@@ -22,6 +22,18 @@ from ase.data import chemical_symbols as _CHEMICAL_SYMBOLS
 REASONS: dict[str, str] = {
     "unparsable": "the file could not be parsed as a crystal structure (malformed CIF, no atoms, no cell); "
     "fix the file or re-export it (e.g. from Mercury/VESTA/pymatgen)",
+    "truncated": "the file ends too early (inside a loop row, a text field or a quoted string, or mid-line "
+    "without a final newline): a truncated download or copy; fetch the file again",
+    "bad_cell": "the unit cell is invalid (a missing or non-positive length, an angle outside (0, 180) degrees, "
+    "or angles that do not form a cell)",
+    "bad_coordinates": "an atom coordinate is not a finite number or is absurd (a fractional coordinate beyond "
+    "+-10, a Cartesian one beyond +-1e4 A)",
+    "bad_symmetry": "a symmetry operator is not an isometry of the cell, or the operators do not form a group "
+    "(an extra, missing or mistyped operator)",
+    "too_large": "the file exceeds a size limit checked before the symmetry expansion (file size, cell length, "
+    "cell volume, atoms in the cell, symmetry operators); raise the limit (--max-cell-volume, --max-cell-atoms, "
+    "--max-symops, --max-cell-length) to accept it",
+    "memory": "processing the file needed more memory than the per-file limit (--max-memory-gb)",
     "disorder": "partial occupancy, disorder groups or overlapping atoms (< 0.5 A apart after symmetry "
     "expansion); only fully ordered structures are accepted: keep one disorder component "
     "with occupancy 1",

@@ -165,13 +165,17 @@ def read_raw_pair(root, cluster_id: str, require_initial: bool = False,
         :class:`ClusterRecord` (``meta["source"]`` = the FinalPositions path).
 
     Raises:
-        BuildError: ``bad_csv`` naming the file (and line) that breaks the layout.
+        BuildError: ``bad_csv`` naming the file (and line) that breaks the layout, or a reason of
+            :func:`kflow_mol.cif.check_molecule` (the molecule rules shared with the CIF route).
     """
     fpath, ipath = raw_paths(root, cluster_id)
     if not fpath.is_file():
         raise BuildError(fpath, "bad_csv", "file not found (official layout: "
                          f"<root>/raw/{FINAL_DIR}/<id>{FINAL_SUFFIX})")
     species, final = read_csv(fpath)
+    from .cif import check_molecule
+
+    check_molecule(fpath, species, final[0])  # the CIF rules: elements, H, size, one component, not flat
     initial = None
     if ipath.is_file():
         sp_i, initial = read_csv(ipath)
@@ -254,6 +258,18 @@ def write_xyz(path, species, positions, comment: str = "", extended: bool | None
 def read_cluster_xyz(path, n_molecules: int = N_MOLECULES, tol: float = 0.05):
     """Read a loose ``n_molecules`` cluster from XYZ / extended XYZ / PDB (anything ASE reads).
 
+    See :func:`_read_cluster_xyz`; the molecule then passes :func:`kflow_mol.cif.check_molecule` (the CIF rules).
+    """
+    from .cif import check_molecule
+
+    species, pos = _read_cluster_xyz(path, n_molecules, tol)
+    check_molecule(path, species, pos[0])
+    return species, pos
+
+
+def _read_cluster_xyz(path, n_molecules: int = N_MOLECULES, tol: float = 0.05):
+    """Read a loose ``n_molecules`` cluster from XYZ / extended XYZ / PDB (anything ASE reads).
+
     Molecules come from, in order: an extxyz ``mol_idx`` array; an equal split into ``n_molecules``
     consecutive blocks with identical element order; the bonded components (covalent radii), matched to
     the first one by a proper rigid fit so every copy has the same atom order.
@@ -318,7 +334,8 @@ def read_cluster_xyz(path, n_molecules: int = N_MOLECULES, tol: float = 0.05):
 # single molecules and boxed CIF
 # --------------------------------------------------------------------------------------------------------
 def read_single_molecule(path, add_hydrogens: bool = True):
-    """Read one molecule (SDF/MOL via RDKit, anything else via ASE).
+    """Read one molecule (SDF/MOL via RDKit, anything else via ASE) that passes the CIF rules
+    (:func:`kflow_mol.cif.check_molecule`: organic elements, H present, size cap, one component, not flat).
 
     Args:
         path: ``.sdf``/``.mol`` (first record) or ``.xyz``/``.pdb``/...
@@ -341,7 +358,7 @@ def read_single_molecule(path, add_hydrogens: bool = True):
         if add_hydrogens and not any(a.GetAtomicNum() == 1 for a in mol.GetAtoms()):
             mol = Chem.AddHs(mol, addCoords=True)
         z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
-        return z, check_coordinates(path, mol.GetConformer().GetPositions())
+        return _checked(path, z, check_coordinates(path, mol.GetConformer().GetPositions()))
     from ase.io import read
 
     try:
@@ -350,7 +367,14 @@ def read_single_molecule(path, add_hydrogens: bool = True):
         raise BuildError(path, "bad_input", f"cannot read with ASE: {type(e).__name__}: {e}") from None
     if len(atoms) == 0:
         raise BuildError(path, "bad_input", "no atoms")
-    return atoms.get_atomic_numbers().astype(np.int64), check_coordinates(path, atoms.get_positions())
+    return _checked(path, atoms.get_atomic_numbers().astype(np.int64), check_coordinates(path, atoms.get_positions()))
+
+
+def _checked(path, species, positions):
+    from .cif import check_molecule
+
+    check_molecule(path, species, positions)
+    return species, positions
 
 
 def molecule_from_smiles(smiles: str, seed: int = 0):
@@ -360,7 +384,9 @@ def molecule_from_smiles(smiles: str, seed: int = 0):
         ``(species (n,), positions (n, 3))``.
 
     Raises:
-        BuildError: ``bad_input`` for an invalid SMILES or a failed embedding.
+        BuildError: ``bad_input`` for an invalid SMILES or a failed embedding; a reason of
+            :func:`kflow_mol.cif.check_molecule` for a molecule the CIF route would reject (``[Na+].[Cl-]``:
+            ``metal``).
     """
     from rdkit import Chem, rdBase
     from rdkit.Chem import AllChem
@@ -371,14 +397,21 @@ def molecule_from_smiles(smiles: str, seed: int = 0):
         raise BuildError(f"SMILES '{smiles}'", "bad_input", "RDKit cannot parse the SMILES (check brackets, "
                          "ring-closure digits, element symbols and valences)")
     mol = Chem.AddHs(mol)
+    from .cif import check_molecule
+
+    src = f"SMILES '{smiles}'"
+    z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
+    check_molecule(src, z)  # elements, H, size first: '[Na+].[Cl-]' is rejected before any embedding
+    if len(Chem.GetMolFrags(mol)) > 1:
+        raise BuildError(src, "multiple_components", f"{len(Chem.GetMolFrags(mol))} disconnected fragments "
+                         "('.' in the SMILES); one molecule per copy is required")
     params = AllChem.ETKDGv3()
     params.randomSeed = int(seed)
     if AllChem.EmbedMolecule(mol, params) != 0:
         raise BuildError(f"SMILES '{smiles}'", "bad_input", "3-D embedding (ETKDG) failed")
     if AllChem.MMFFHasAllMoleculeParams(mol):
         AllChem.MMFFOptimizeMolecule(mol, maxIters=2000)
-    z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
-    return z, mol.GetConformer().GetPositions().astype(np.float64)
+    return _checked(src, z, mol.GetConformer().GetPositions().astype(np.float64))
 
 
 def hill_formula(species) -> str:

@@ -198,3 +198,128 @@ def test_build_error_pickles_and_timeout(tmp_path):
     with pytest.raises(BuildError) as ei:
         build_dataset(tmp_path / "nothing", tmp_path / "o2", progress=False)
     assert ei.value.reason == "bad_input"
+
+
+# ---------------------------------------------------------------------------------------------- bad input (issue 12)
+METHANOL = (DATA / "ok_methanol_p21c.cif").read_text()
+
+
+def _write(tmp_path, name, text) -> Path:
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+def test_utf8_bom_is_stripped(tmp_path):
+    body = METHANOL.split("\n", 1)[1]  # the data_ line first: the BOM sits right before it
+    rec = cluster_from_cif(_write(tmp_path, "bom.cif", b"\xef\xbb\xbf" + body.encode()))
+    assert np.array_equal(rec.final, cluster_from_cif(DATA / "ok_methanol_p21c.cif").final)
+
+
+@pytest.mark.parametrize("old,new,reason,fragment", [
+    ("_cell_length_b 9.0000", "_cell_length_b -9.0000", "bad_cell", "_cell_length_b = -9"),
+    ("_cell_angle_beta 90", "_cell_angle_beta -90", "bad_cell", "strictly between 0 and 180"),
+    ("_cell_angle_alpha 90\n_cell_angle_beta 90\n_cell_angle_gamma 90",
+     "_cell_angle_alpha 120\n_cell_angle_beta 120\n_cell_angle_gamma 120", "bad_cell", "do not form a cell"),
+    ("_cell_length_c 10.0000\n", "", "bad_cell", "_cell_length_c is missing"),
+    ("C1 C 0.186250", "C1 C 1e300", "bad_coordinates", "atom C1"),
+    ("C1 C 0.186250", "C1 C 123456789", "bad_coordinates", "absurd"),
+    ("C1 C 0.186250", "C1 C ?", "bad_coordinates", "not a finite number"),
+    ("'x, y, z'\n", "'x, y, z'\n'x+1/2, y, z'\n", "bad_symmetry", "do not form a group"),
+    ("'x, y, z'\n", "'x, y, z'\n'2*x, y, z'\n", "bad_symmetry", "not an isometry"),
+    ("'-x, -y, -z'", "'-x, -y'", "bad_symmetry", "3 components"),
+    ("_cell_length_c 10.0000", "_cell_length_c 1e6", "too_large", "max_cell_length"),
+])
+def test_invalid_cells_coordinates_and_operators_are_rejected(tmp_path, old, new, reason, fragment):
+    """Each of these was accepted (and turned into a different cluster) or crashed before the checks."""
+    assert old in METHANOL
+    with pytest.raises(BuildError) as ei:
+        cluster_from_cif(_write(tmp_path, "bad.cif", METHANOL.replace(old, new)))
+    assert ei.value.reason == reason and fragment in str(ei.value), str(ei.value)
+
+
+def test_space_group_centring_must_match_the_operators(tmp_path):
+    # an explicit list {x, x+1/2} is a group, but not the primitive space group the file names
+    text = METHANOL.replace("loop_\n_symmetry_equiv_pos_as_xyz\n'x, y, z'\n'-x, y+1/2, -z+1/2'\n'-x, -y, -z'\n"
+                            "'x, -y+1/2, z+1/2'\n", "_symmetry_space_group_name_H-M 'P 1'\nloop_\n"
+                            "_symmetry_equiv_pos_as_xyz\n'x, y, z'\n'x+1/2, y, z'\n")
+    assert text != METHANOL
+    with pytest.raises(BuildError) as ei:
+        cluster_from_cif(_write(tmp_path, "c.cif", text))
+    assert ei.value.reason == "bad_symmetry" and "lattice point" in str(ei.value)
+
+
+def test_truncated_files_are_not_diagnosed_as_no_hydrogen(tmp_path):
+    cut_before_h = METHANOL[: METHANOL.index("\nH3 H")]  # the H rows lost, no final newline
+    mid_row = METHANOL[: METHANOL.index("H4 H") + 12]
+    text_field = METHANOL + "_publ_section_title\n;\n A title that never ends\n"
+    for name, text in (("before_h", cut_before_h), ("mid_row", mid_row), ("field", text_field)):
+        with pytest.raises(BuildError) as ei:
+            cluster_from_cif(_write(tmp_path, f"{name}.cif", text))
+        assert ei.value.reason == "truncated", (name, str(ei.value))
+    # the same atoms with a final newline are a complete (H-free) file: no_hydrogen, as before
+    with pytest.raises(BuildError) as ei:
+        cluster_from_cif(_write(tmp_path, "complete.cif", cut_before_h + "\n"))
+    assert ei.value.reason == "no_hydrogen"
+
+
+def test_caps_are_checked_before_expansion(tmp_path):
+    from kflow_mol.cif import CifLimits
+
+    p = DATA / "ok_methanol_p21c.cif"
+    for limits, fragment in ((CifLimits(max_cell_volume=100.0), "max_cell_volume"),
+                             (CifLimits(max_cell_atoms=23), "6 sites x 4 operators"),
+                             (CifLimits(max_symops=2), "max_symops")):
+        with pytest.raises(BuildError) as ei:
+            cluster_from_cif(p, limits=limits)
+        assert ei.value.reason == "too_large" and fragment in str(ei.value)
+    assert cluster_from_cif(p, limits=CifLimits(max_cell_atoms=24)).n_atoms == 6
+
+
+def test_build_dataset_caps_memory_and_kills_stuck_workers(tmp_path):
+    """A cell the caps would stop, let through with raised caps, hits the per-worker memory limit (reason
+    ``memory``); a worker stuck where the alarm cannot reach it is killed (``timeout``); the good file beside
+    them is kept and the summary states the limits."""
+    import signal
+    import time
+
+    from kflow_mol.cif import CifLimits
+
+    src = tmp_path / "cifs"
+    src.mkdir()
+    (src / "good.cif").write_text(METHANOL)
+    (src / "huge.cif").write_text(METHANOL.replace("_cell_length_c 10.0000", "_cell_length_c 1000000"))
+    s = build_dataset(src, tmp_path / "o", workers=2, progress=False, max_memory_gb=0.5,
+                      limits=CifLimits(max_cell_length=1e7, max_cell_volume=1e12))
+    assert s["accepted_ids"] == ["good"] and s["reasons"] == {"memory": 1}
+    assert s["limits"]["max_memory_gb"] == 0.5 and s["limits"]["max_cell_volume"] == 1e12
+    with_defaults = build_dataset(src, tmp_path / "o2", workers=1, progress=False)
+    assert with_defaults["reasons"] == {"too_large": 1} and with_defaults["accepted_ids"] == ["good"]
+
+    def stuck(rec, rng):  # blocks the alarm, as compiled code that never returns to Python would
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(120)
+
+    (src / "huge.cif").unlink()
+    (src / "other.cif").write_text((DATA / "ok_chiral_p21.cif").read_text())
+    s = build_dataset(src, tmp_path / "o3", workers=2, progress=False, timeout=0.5, noise_fn=stuck)
+    rows = [json.loads(line) for line in (tmp_path / "o3" / "report.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["good", "other"]
+    assert all(r["reason"] == "timeout" and "killed" in r["message"] for r in rows)
+
+
+def test_run_limited_and_deadline():
+    import time
+
+    from kflow_mol.build import deadline, run_limited
+
+    assert run_limited(sum, [1, 2, 3], timeout=30) == 6
+    with pytest.raises(BuildError) as ei:
+        run_limited(time.sleep, 60, timeout=0.3, what="x.cif")
+    assert ei.value.reason == "timeout" and ei.value.path == "x.cif"
+    with pytest.raises(BuildError) as ei:  # the child's own BuildError keeps its reason
+        run_limited(cluster_from_cif, DATA / "metal_p1.cif", timeout=60)
+    assert ei.value.reason == "metal"
+    with pytest.raises(BuildError) as ei, deadline(0.2, "y.cif"):
+        time.sleep(30)
+    assert ei.value.reason == "timeout" and "0.2 s" in str(ei.value)

@@ -180,6 +180,9 @@ def _bad_invocations(tmp_path):
         (["inspect", str(tmp_path)], "is a directory: give one file"),
         (["assemble", str(tmp_path / "notes.txt")], "unsupported input type '.txt'"),
         (["assemble", "--smiles", "C1CC("], "RDKit cannot parse the SMILES"),
+        (["assemble", "--smiles", "[Na+].[Cl-]"], "rejected (metal): contains Na"),
+        (["assemble", "--smiles", "C#C"], "rejected (flat_molecule)"),
+        (["assemble", "--smiles", "CCO", "--timeout", "-1"], "--timeout must be >= 0"),
         (["assemble"], "give either an INPUT file or --smiles"),
         (["assemble", str(tmp_path / "missing.cif"), "--smiles", "CCO"], "give either an INPUT file or --smiles"),
         (["assemble", "--smiles", "CCO", "--out", str(tmp_path / "afile")], "is a file: give a folder"),
@@ -403,3 +406,33 @@ def test_inspect_and_assemble_draw_the_same_loose_state(trained, small, tmp_path
                  "--steps", "1"]) == 0
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert m["floors"]["do_nothing"]["pm_atom"] == pytest.approx(info["do_nothing_pm_atom"], rel=1e-12)
+
+
+def test_assemble_refine_writes_refined_cif_and_metrics(tmp_path, capsys):
+    """`assemble <cif> --refine --steps 2` with the shipped model: refined.cif beside assembled.cif, a "refined"
+    block in metrics.json, and the sampling time beside the total time."""
+    cif = min((mini_dir() / "cifs").glob("*.cif"))
+    out = tmp_path / "r"
+    capsys.readouterr()
+    assert main(["assemble", str(cif), "--refine", "--steps", "2", "--out", str(out)]) == 0
+    for name in ("assembled.cif", "refined.cif", "refined.extxyz", "metrics.json"):
+        assert (out / name).exists(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"clashes", "model"} <= set(m["refined"]) and "pm_atom" in m["refined"]["model"]
+    assert "refined" in (out / "refined.cif").read_text().splitlines()[3]
+    assert m["steps"] == 2 and 0 < m["seconds"] <= m["seconds_total"] and m["seconds_read_input"] >= 0
+    cap = capsys.readouterr().out
+    assert "refined (reported separately)" in cap and "time: sampling " in cap and "total " in cap
+
+
+def test_build_dataset_limit_flags(small, tmp_path, capsys):
+    """The pre-expansion caps are flags: a cell volume cap below every crystal rejects them all as too_large,
+    each with its reason, and the summary states the limits in force."""
+    out = tmp_path / "d"
+    assert main(["build-dataset", "--cif-dir", str(small), "--out", str(out), "--workers", "1",
+                 "--max-cell-volume", "10", "--timeout", "30", "--max-memory-gb", "2", "--no-noise"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accepted"] == 0 and summary["reasons"] == {"too_large": summary["n_files"]}
+    assert summary["limits"]["max_cell_volume"] == 10 and summary["limits"]["timeout_s"] == 30
+    rows = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    assert all("max_cell_volume 10" in r["message"] for r in rows)

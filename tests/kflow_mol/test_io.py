@@ -274,3 +274,38 @@ def test_csv_reader_rejects_non_utf8_and_huge_coordinates(tmp_path):
     f.write_text("mol_idx,atom_type,x,y,z\n0,C,1e300,2.0,3.0\n")
     with pytest.raises(BuildError, match="line 2: a coordinate of 1e"):
         read_csv(f)
+
+
+# ------------------------------------------------------------------ one set of molecule rules for every input
+@pytest.mark.parametrize("smiles,reason", [("[Na+].[Cl-]", "metal"), ("CC.O", "multiple_components"),
+                                           ("C#C", "flat_molecule"), ("[H][H]", "flat_molecule"),
+                                           ("ClC(Cl)(Cl)Cl", "no_hydrogen"), ("C[As](C)C", "element")])
+def test_smiles_follow_the_cif_rules(smiles, reason):
+    from kflow_mol.io import molecule_from_smiles
+
+    with pytest.raises(BuildError) as ei:
+        molecule_from_smiles(smiles)
+    assert ei.value.reason == reason and smiles in str(ei.value)
+    z, x = molecule_from_smiles("Cc1ccccc1O")  # a real molecule passes
+    assert len(z) == 16 and x.shape == (16, 3)
+
+
+def test_xyz_and_csv_molecules_follow_the_cif_rules(tmp_path, record):
+    from kflow_mol.io import read_single_molecule, write_xyz
+
+    write_xyz(tmp_path / "two.xyz", np.array([6, 1]), np.array([[[0.0, 0, 0], [1.1, 0, 0]]]))
+    with pytest.raises(BuildError) as ei:
+        read_single_molecule(tmp_path / "two.xyz")
+    assert ei.value.reason == "flat_molecule"
+    x = record.final[0]
+    apart = np.concatenate([x, x + 20.0])  # two molecules in one "molecule"
+    write_xyz(tmp_path / "pair.xyz", np.tile(record.species, 2), apart[None])
+    with pytest.raises(BuildError) as ei:
+        read_single_molecule(tmp_path / "pair.xyz")
+    assert ei.value.reason == "multiple_components"
+    # a cluster in the official layout whose carbon became sodium: the CIF route's `metal`, not a silent accept
+    metal = ClusterRecord("na", np.where(record.species == 6, 11, record.species), record.final, None, {})
+    write_raw_pair(tmp_path / "d", metal)
+    with pytest.raises(BuildError) as ei:
+        read_raw_pair(tmp_path / "d", "na")
+    assert ei.value.reason == "metal"
