@@ -104,7 +104,8 @@ class TrainConfig:
         seed: seeds data order and every step's random draws.
         device: ``"auto" | "cpu" | "cuda" | "cuda:N"``.
         run_dir: output folder.
-        progress: show a tqdm bar (only on rank 0 and only when stderr is a terminal).
+        progress: on rank 0, a tqdm bar when stderr is a terminal, else a progress line (step, loss,
+            samples/s, elapsed, ETA) at the first and last log step and at most every ``progress_every_s``.
         num_workers: DataLoader worker processes (0 = load in the main process).
         time_limit_s: stop early (with a checkpoint) after this many seconds of training; ``0``: no limit.
         ddp_find_unused: passed to DistributedDataParallel (needed when some parameters get no gradient).
@@ -323,7 +324,13 @@ class Trainer:
 
     Attributes:
         model, optimizer, ema, device, step (completed steps), extra_state.
+        sample_unit: what one dataset item is, for the progress lines (``"clusters"``, ``"images"``).
+        progress_every_s: least seconds between two progress lines when stderr is not a terminal (the first
+            and the last log step always print one).
     """
+
+    sample_unit = "samples"
+    progress_every_s = 30.0
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, dataset: Sequence, collate: Callable[[list], Any],
                  cfg: TrainConfig, eval_fn: Callable[[nn.Module, int], dict] | None = None,
@@ -514,6 +521,9 @@ class Trainer:
         if cfg.progress and self.is_main and sys.stderr.isatty():
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+        # without a terminal (output redirected to a file or a pipe) a bar is invisible: plain progress lines
+        lines = cfg.progress and self.is_main and bar is None
+        t_line = -math.inf
 
         win_loss = torch.zeros((), device=self.device)
         win_gn = torch.zeros((), device=self.device)
@@ -583,6 +593,9 @@ class Trainer:
                     self.last_metrics = rec
                     if bar is not None:
                         bar.set_postfix(loss=f"{vals[0]:.4g}", lr=f"{lr:.2e}", refresh=False)
+                    if lines and (last or now - t_line >= self.progress_every_s):
+                        t_line = now
+                        self._progress_line(rec, start, now - t_start)
                     win_loss.zero_()
                     win_gn.zero_()
                     win_metrics, win_n, win_skipped, t_win = {}, 0, 0, now
@@ -605,11 +618,24 @@ class Trainer:
                 distributed_teardown()
         return {**self.last_metrics, **eval_out, "step": self.step}
 
+    def _progress_line(self, rec: dict, start: int, elapsed: float) -> None:
+        """One line on stderr: step, loss, throughput, elapsed time and ETA (only when stderr is no terminal)."""
+        done = rec["step"] - start
+        eta = (self.cfg.steps - rec["step"]) * elapsed / max(done, 1)
+        print(f"train step {rec['step']}/{self.cfg.steps} ({100 * rec['step'] / self.cfg.steps:.0f}%): loss "
+              f"{rec['loss']:.4g}, {rec['samples_per_s']:.1f} {self.sample_unit}/s, elapsed {_hms(elapsed)}, "
+              f"ETA {_hms(eta)}", file=sys.stderr, flush=True)
+
     def _time_up(self, t_start: float) -> bool:
         up = torch.tensor(float(time.perf_counter() - t_start >= self.cfg.time_limit_s), device=self.device)
         if self.dist.world_size > 1:
             dist.broadcast(up, src=0)  # rank 0 decides so all ranks stop at the same step
         return bool(up)
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

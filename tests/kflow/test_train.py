@@ -436,3 +436,20 @@ def test_jsonl_logger_truncates_on_resume_and_survives_a_torn_line(tmp_path):
     JsonlLogger(tmp_path / "r1.jsonl", enabled=False).log({"step": 1})
     assert not (tmp_path / "r1.jsonl").exists()
 
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Output redirected (pytest captures stderr: no TTY): no bar, but plain lines with step, loss, throughput,
+    elapsed time and ETA, at the first and last log step at least; the weights do not depend on it."""
+    tr = _trainer(_cfg(tmp_path, "lines", steps=6, log_every=2, progress=True))
+    tr.sample_unit = "clusters"
+    tr.progress_every_s = 0.0  # a line at every log step
+    tr.fit()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("train step ")]
+    assert [ln.split()[2] for ln in lines] == ["2/6", "4/6", "6/6"]
+    for ln in lines:
+        assert "loss " in ln and " clusters/s" in ln and "elapsed " in ln and "ETA " in ln
+    quiet = _trainer(_cfg(tmp_path, "quiet", steps=6, log_every=2, progress=False))
+    quiet.fit()
+    assert "train step" not in capsys.readouterr().err
+    _assert_state_equal(tr.model.state_dict(), quiet.model.state_dict())
