@@ -52,10 +52,40 @@ def by_k(model, task, clusters, bins: int = 10, draws: int = 2, seed: int = 0) -
     return rows
 
 
+def plot(out: str, files: list[str]) -> None:
+    """Median angle of the endpoint prediction (solid) and of 'no further turn' (dashed) against k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for f in files:
+        with open(f) as fh:
+            r = json.load(fh)
+        k = [x["k"] for x in r["by_k"]]
+        name = r.get("label") or f
+        ln, = ax.plot(k, [x["pred_deg"] for x in r["by_k"]], marker="o", label=f"{name}: prediction")
+        ax.plot(k, [x["left_deg"] for x in r["by_k"]], ls="--", color=ln.get_color(), label=f"{name}: no turn")
+        ax2.plot(k, [x["pred_deg"] / max(x["left_deg"], 1e-9) for x in r["by_k"]], marker="o",
+                 color=ln.get_color(), label=name)
+    ax.set(xlabel="k", ylabel="median angle to target (°)")
+    ax2.axhline(1.0, color="grey", lw=1, ls=":")
+    ax2.set(xlabel="k", ylabel="prediction / no turn (1 = nothing learned)")
+    ax.legend(fontsize=6)
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="model.pt or run directory")
-    ap.add_argument("--data", required=True, help="dataset name or folder (as for kflow-mol train)")
+    ap.add_argument("--plot", nargs="+", metavar=("OUT.png", "RESULT.json"),
+                    help="only plot: OUT.png then the --json files of earlier runs")
+    ap.add_argument("--label", default=None, help="name of this run in plots")
+    ap.add_argument("--ckpt", help="model.pt or run directory")
+    ap.add_argument("--data", help="dataset name or folder (as for kflow-mol train)")
     ap.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
     ap.add_argument("--limit", type=int, default=16, help="at most this many clusters (0 = all)")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps")
@@ -64,6 +94,10 @@ def main() -> None:
                     help="override the sampler's rotation source (default: the model's config)")
     ap.add_argument("--json", default=None, help="write the result here")
     args = ap.parse_args()
+    if args.plot:
+        return plot(args.plot[0], args.plot[1:])
+    if not args.ckpt or not args.data:
+        ap.error("--ckpt and --data are needed (or --plot)")
     torch.manual_seed(0)
     model, task, noise, cfg, info, _ = load_model(args.ckpt)
     if args.rot_source:
@@ -88,7 +122,7 @@ def main() -> None:
           f"{res['do_nothing']['rot_median_deg']:.1f} deg")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"by_k": rows, "model": m, "floors": {k: res[k] for k in ("do_nothing", "centroid_oracle")},
+            json.dump({"label": args.label, "by_k": rows, "model": m, "floors": {k: res[k] for k in ("do_nothing", "centroid_oracle")},
                        "clusters": len(clusters), "split": args.split, "ckpt": args.ckpt}, fh, indent=1, default=float)
 
 
