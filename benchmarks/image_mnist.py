@@ -66,8 +66,9 @@ def cmd_classifier(args) -> dict:
 
 @torch.no_grad()
 def score_run(run_dir: str, clf, real_held, n_per_class: int = 100, steps: int | None = None,
-              x0_mode: str | None = None, cfg_scale: float = 1.0, ema: bool = True, seed: int = 1,
-              method: str | None = None, save_grid_to: str | None = None) -> dict:
+              x0_mode: str | None = None, cfg_scale: float | None = None, ema: bool = True, seed: int = 1,
+              method: str | None = None, save_grid_to: str | None = None, grid_kind: str | None = None,
+              cfg_interval: list[float] | None = None) -> dict:
     """Sample ``n_per_class`` digits per class from a run and score them (see the module doc)."""
     from kflow.train import load_model_weights
     from kflow_image.cli import generate, load_run
@@ -82,6 +83,12 @@ def score_run(run_dir: str, clf, real_held, n_per_class: int = 100, steps: int |
         run["cfg"]["sample"]["x0_mode"] = x0_mode
     if method:
         run["cfg"]["solver"]["method"] = method
+    if grid_kind:
+        run["cfg"]["solver"]["grid"] = grid_kind
+    if cfg_scale is None:
+        cfg_scale = float(run["cfg"]["sample"].get("cfg_scale", 1.0))
+    if cfg_interval is not None:
+        run["cfg"]["sample"]["cfg_interval"] = list(cfg_interval) if cfg_interval else None
     ncls = run["num_classes"]
     y = torch.arange(ncls).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
@@ -98,7 +105,8 @@ def score_run(run_dir: str, clf, real_held, n_per_class: int = 100, steps: int |
             "hidden": run["model"].config.hidden_size, "depth": run["model"].config.depth,
             "params_M": round(sum(p.numel() for p in run["model"].parameters()) / 1e6, 3),
             "sampler": {"steps": steps or cfg["solver"]["steps"], "x0_mode": cfg["sample"]["x0_mode"],
-                        "method": cfg["solver"]["method"], "cfg_scale": cfg_scale, "ema": ema, "seed": seed},
+                        "method": cfg["solver"]["method"], "grid": cfg["solver"]["grid"], "cfg_scale": cfg_scale,
+                        "cfg_interval": cfg["sample"].get("cfg_interval"), "ema": ema, "seed": seed},
             "n": len(y), "sample_s": round(gen_s, 1), **sc}
 
 
@@ -123,11 +131,13 @@ def cmd_score(args) -> list[dict]:
     for rd in args.runs:
         for s in args.steps:
             r = score_run(rd, clf, xh, args.n_per_class, s, args.x0_mode, args.cfg_scale, not args.no_ema,
-                          args.seed, args.method, args.grid)
+                          args.seed, args.method, args.grid, args.grid_kind, args.cfg_interval)
             r["real_floor"] = floor
             out.append(r)
             a, f = r["cond_acc"], r["fd"]
             print(json.dumps({"run": rd, "sampler": r["sampler"], "acc": round(a["acc"], 4),
+                              "acc_classifier_only": round(r["cond_acc_classifier_only"]["acc"], 4),
+                              "blank": round(r["blank"]["fraction"], 4),
                               "acc_ci": [round(a["lo"], 4), round(a["hi"], 4)], "fd": round(f["fd"], 2),
                               "fd_ci": [round(f["lo"], 2), round(f["hi"], 2)], "sample_s": r["sample_s"]}),
                   flush=True)
@@ -138,6 +148,21 @@ def cmd_score(args) -> list[dict]:
                            f"{torch.get_num_threads()} thread(s)", "date": time.strftime("%Y-%m-%d %H:%M")}
         path.write_text(json.dumps(old + [{**r, **meta} for r in out], indent=1))
     return out
+
+
+def cmd_table(args) -> None:
+    """Markdown rows of a scores JSON (one per scored run x sampler setting)."""
+    rows = json.loads(Path(args.json).read_text())
+    print("| run | transform, w | sampler | n | cond. acc. [95 % CI] | FD [95 % CI] | sample s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        s, a, f = r["sampler"], r["cond_acc"], r["fd"]
+        iv = s.get("cfg_interval")
+        samp = (f"{s['method']}, {s['steps']} {s.get('grid', 'uniform')} steps, x0 {s['x0_mode']}, "
+                f"cfg {s['cfg_scale']}" + (f" on k in [{iv[0]}, {iv[1]})" if iv else "")) + ("" if s["ema"] else ", no EMA")
+        print(f"| {Path(r['run']).name} | {r['transform'].replace('Transform', '').lower()}, {r['window']} | {samp} | "
+              f"{r['n']} | {100 * a['acc']:.1f} [{100 * a['lo']:.1f}, {100 * a['hi']:.1f}] | "
+              f"{f['fd']:.0f} [{f['lo']:.0f}, {f['hi']:.0f}] | {r['sample_s']} |")
 
 
 def main(argv=None) -> int:
@@ -154,17 +179,22 @@ def main(argv=None) -> int:
     s.add_argument("--steps", type=int, nargs="+", default=[None])
     s.add_argument("--x0-mode", choices=["estimate", "fixed"])
     s.add_argument("--method", choices=["exact", "euler", "heun"])
-    s.add_argument("--cfg-scale", type=float, default=1.0)
+    s.add_argument("--grid-kind", choices=["uniform", "band"], help="k-grid of the sampler (default: the run's)")
+    s.add_argument("--cfg-scale", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
+    s.add_argument("--cfg-interval", type=float, nargs="*",
+                   help="K_LO K_HI: guide only there (no values: everywhere; default: the run's)")
     s.add_argument("--no-ema", action="store_true")
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--classifier", help="classifier weights (default: the shipped ones)")
     s.add_argument("--grid", help="also save a labelled grid (8 per class) of the scored samples")
     s.add_argument("--json", help="append the results to this JSON list")
+    t = sub.add_parser("table", help="markdown table of a scores JSON")
+    t.add_argument("json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     np.random.seed(0)
-    {"classifier": cmd_classifier, "score": cmd_score}[args.cmd](args)
+    {"classifier": cmd_classifier, "score": cmd_score, "table": cmd_table}[args.cmd](args)
     return 0
 
 

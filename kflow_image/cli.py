@@ -243,7 +243,7 @@ def generate(run: dict, labels: torch.Tensor | None, n: int, seed: int, batch_si
         x_0 = torch.randn((m, *run["event_shape"]), generator=g)
         sol = task.sample(model, y=y, x_0=x_0.to(run["device"]), steps=steps or s["steps"], grid_kind=s["grid"],
                           method=s["method"], cfg_scale=cfg_scale, class_drop_at=class_drop_at,
-                          x0_mode=cfg["sample"]["x0_mode"])
+                          x0_mode=cfg["sample"]["x0_mode"], cfg_interval=cfg["sample"].get("cfg_interval"))
         out.append(codec.decode(sol.x_1).cpu())
     return torch.cat(out)
 
@@ -364,6 +364,8 @@ def cmd_sample(args, extra) -> int:
             OmegaConf.update(base, key, yaml.safe_load(val), merge=True)
         run["cfg"] = OmegaConf.to_container(base, resolve=True)
     cfg, task, model, codec, dev = run["cfg"], run["task"], run["model"], run["codec"], run["device"]
+    if args.cfg_scale is None:  # the guidance the run was configured to sample with
+        args.cfg_scale = float(cfg["sample"].get("cfg_scale", 1.0))
     steps = args.steps or cfg["solver"]["steps"]
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
     n = args.n or (32 if args.restore or args.split_bands or args.uncond
@@ -425,6 +427,8 @@ def cmd_evaluate(args, extra) -> int:
 
     run = load_run(args.ckpt, args.device)
     cfg, codec, dev = run["cfg"], run["codec"], run["device"]
+    if args.cfg_scale is None:
+        args.cfg_scale = float(cfg["sample"].get("cfg_scale", 1.0))
     ecfg = cfg.get("evaluate", {})
     n = args.n or int(ecfg.get("n", 256))
     data = load_image_sets(cfg["data"])
@@ -505,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the raw samples: images (N, C, H, W) float32 in [0, 1] and labels (N,)")
     s.add_argument("--classes", help="comma-separated labels, cycled over the samples (default: all classes)")
     s.add_argument("--uncond", action="store_true", help="unconditional samples (null class)")
-    s.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--cfg-scale", type=float,
+                   help="classifier-free guidance scale (1 = none; default: the run's sample.cfg_scale)")
     s.add_argument("--class-drop-at", type=float,
                    help="keep the label only for k < this fraction, null class after (paper: 0.3)")
     s.add_argument("--split-bands", metavar="KMIN[:KMAX]",
@@ -527,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", parents=[common], help="FID/KID/precision/recall beside real-vs-real and the codec floor")
     e.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
     e.add_argument("--n", type=int, help="sample size (default: the run's evaluate.n)")
-    e.add_argument("--cfg-scale", type=float, default=1.0)
+    e.add_argument("--cfg-scale", type=float, help="guidance scale (default: the run's sample.cfg_scale)")
     e.add_argument("--class-drop-at", type=float)
     e.add_argument("--steps", type=int, help="sampler steps")
     e.add_argument("--seed", type=int, default=0)

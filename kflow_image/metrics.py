@@ -549,8 +549,16 @@ def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000
     return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
 
 
-def conditional_accuracy(predicted, requested, n_boot: int = 1000, seed: int = 0) -> dict:
+def conditional_accuracy(predicted, requested, valid=None, n_boot: int = 1000, seed: int = 0) -> dict:
     """Fraction of samples classified as the class they were requested for, with a 95 % bootstrap interval.
+
+    Args:
+        predicted: ``(N,)`` classifier labels.
+        requested: ``(N,)`` requested labels.
+        valid: optional ``(N,)`` bools; an invalid sample (e.g. a blank image, which the MNIST classifier calls
+            a "1") counts as a miss whatever its label.
+        n_boot: bootstrap resamples.
+        seed: bootstrap seed.
 
     Returns:
         ``{"acc", "lo", "hi", "n", "per_class": {c: acc}}``.
@@ -558,7 +566,10 @@ def conditional_accuracy(predicted, requested, n_boot: int = 1000, seed: int = 0
     p, r = np.asarray(predicted).reshape(-1), np.asarray(requested).reshape(-1)
     if len(p) != len(r) or len(p) == 0:
         raise ValueError(f"conditional_accuracy: {len(p)} predictions for {len(r)} requested labels")
-    hit = (p == r).astype(np.float64)
+    ok = np.ones(len(p), bool) if valid is None else np.asarray(valid, bool).reshape(-1)
+    if len(ok) != len(p):
+        raise ValueError(f"conditional_accuracy: {len(ok)} validity flags for {len(p)} predictions")
+    hit = ((p == r) & ok).astype(np.float64)
     lo, hi = bootstrap_ci(lambda i: hit[i].mean(), len(hit), n_boot, seed=seed)
     per = {int(c): float(hit[r == c].mean()) for c in np.unique(r)}
     return {"acc": float(hit.mean()), "lo": lo, "hi": hi, "n": int(len(hit)), "per_class": per}
@@ -603,6 +614,9 @@ def mnist_scores(classifier: MNISTClassifier, images: torch.Tensor, requested, r
                  n_boot: int = 1000, seed: int = 0) -> dict:
     """Conditional accuracy and classifier-feature Fréchet distance of generated digits, with intervals.
 
+    A sample with less ink (sum of pixel values) than half the faintest real digit counts as a miss in
+    ``cond_acc``: the classifier labels blank images "1" (``cond_acc_classifier_only`` does not check).
+
     Args:
         classifier: e.g. :func:`load_mnist_classifier`.
         images: ``(N, 1, 32, 32)`` generated digits in [0, 1].
@@ -612,9 +626,17 @@ def mnist_scores(classifier: MNISTClassifier, images: torch.Tensor, requested, r
         seed: bootstrap seed.
 
     Returns:
-        ``{"cond_acc": {...}, "fd": {...}}`` (see :func:`conditional_accuracy`, :func:`frechet_with_ci`).
+        ``{"cond_acc", "cond_acc_classifier_only", "blank": {"fraction", "min_ink", "per_class"}, "fd"}``
+        (see :func:`conditional_accuracy`, :func:`frechet_with_ci`).
     """
     pred, feats = classifier.predict(images)
     _, real_feats = classifier.predict(real_images)
-    return {"cond_acc": conditional_accuracy(pred, np.asarray(torch.as_tensor(requested).cpu()), n_boot, seed),
+    req = np.asarray(torch.as_tensor(requested).cpu())
+    ink = images.detach().float().clamp(0, 1).flatten(1).sum(1).cpu().numpy()
+    min_ink = 0.5 * float(real_images.float().flatten(1).sum(1).min())
+    inked = ink >= min_ink
+    return {"cond_acc": conditional_accuracy(pred, req, inked, n_boot, seed),
+            "cond_acc_classifier_only": conditional_accuracy(pred, req, None, n_boot, seed),
+            "blank": {"fraction": float(1 - inked.mean()), "min_ink": min_ink,
+                      "per_class": {int(c): float(1 - inked[req == c].mean()) for c in np.unique(req)}},
             "fd": frechet_with_ci(feats, real_feats, max(n_boot // 5, 20), seed)}

@@ -262,13 +262,17 @@ class ImageFlowTask(nn.Module):
                          coarse_weight=coarse_weight)
 
     def model_fn(self, model: nn.Module, y: Tensor | None = None, cfg_scale: float = 1.0,
-                 class_drop_at: float | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+                 class_drop_at: float | None = None, cfg_interval: Sequence[float] | None = None
+                 ) -> Callable[[Tensor, Tensor], Tensor]:
         """Closure ``fn(x_k, k)`` for the solver: conditional, guided, and with the class drop.
 
         Args:
             model: the network (a :class:`kflow_image.dit.DiT` or anything with the same call).
             y: ``(B,)`` labels or ``None`` (unconditional).
             cfg_scale: classifier-free guidance scale (1 = none).
+            cfg_interval: ``(k_lo, k_hi)``: guide only for ``k_lo <= k < k_hi`` (plain conditional elsewhere);
+                ``None`` = everywhere. Guidance while the mean brightness (DC) is revealed extrapolates it:
+                thin classes ("1") turn blank.
             class_drop_at: when set, the label is used only for ``k < class_drop_at``; afterwards the null
                 class (the paper's class-condition drop; guidance then has nothing to act on).
         """
@@ -281,7 +285,16 @@ class ImageFlowTask(nn.Module):
             if labels is None or self.num_classes == 0 or bool((labels == null).all()):
                 return model(x, k, y=None) if self.num_classes > 0 else model(x, k)
             if cfg_scale != 1.0:
-                return model.forward_with_cfg(x, k, labels, cfg_scale)
+                if cfg_interval is None:
+                    return model.forward_with_cfg(x, k, labels, cfg_scale)
+                inside = (k >= cfg_interval[0]) & (k < cfg_interval[1])
+                if bool(inside.all()):
+                    return model.forward_with_cfg(x, k, labels, cfg_scale)
+                if not bool(inside.any()):
+                    return model(x, k, y=labels)
+                scale = torch.where(inside, cfg_scale, 1.0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+                cond, uncond = model(x, k, y=labels), model(x, k, y=None)
+                return uncond + scale * (cond - uncond)
             return model(x, k, y=labels)
 
         return fn
@@ -290,6 +303,7 @@ class ImageFlowTask(nn.Module):
     def sample(self, model: nn.Module, n: int | None = None, y: Tensor | None = None, *,
                event_shape: Sequence[int] | None = None, steps: int = 50, grid: Tensor | None = None,
                grid_kind: str = "uniform", cfg_scale: float = 1.0, class_drop_at: float | None = None,
+               cfg_interval: Sequence[float] | None = None,
                x_0: Tensor | None = None, method: str = "exact", x0_mode: str = "estimate",
                generator: torch.Generator | None = None, hook: Hook | None = None,
                return_trajectory: bool = False, device: torch.device | str | None = None) -> Solution:
@@ -304,6 +318,7 @@ class ImageFlowTask(nn.Module):
             grid: explicit ``(steps + 1,)`` k-grid.
             grid_kind: ``uniform`` or ``band``.
             cfg_scale: classifier-free guidance scale.
+            cfg_interval: ``(k_lo, k_hi)`` where guidance applies (see :meth:`model_fn`); ``None`` = all of k.
             class_drop_at: drop the label for ``k >= class_drop_at``.
             x_0: ``(n, C, H, W)`` starting noise (e.g. from :func:`kflow_image.sampling.split_noise`).
             method: ``exact``, ``euler`` or ``heun``.
@@ -343,7 +358,7 @@ class ImageFlowTask(nn.Module):
                 raise ValueError(f"{len(y)} labels for {len(x_0)} samples")
         if grid is None:
             grid = self.grid(steps, grid_kind)
-        fn = self.model_fn(model, y, cfg_scale, class_drop_at)
+        fn = self.model_fn(model, y, cfg_scale, class_drop_at, cfg_interval)
         self.transform.to(device)
         self.schedule.to(device)
 

@@ -231,6 +231,10 @@ def test_conditional_accuracy_and_interval():
     assert perfect["acc"] == perfect["lo"] == perfect["hi"] == 1.0
     with pytest.raises(ValueError):
         conditional_accuracy(pred[:5], req)
+    valid = np.ones(200, bool)
+    valid[req == 1] = False  # e.g. blank images requested as "1": misses even when classified "1"
+    masked = conditional_accuracy(req, req, valid=valid, n_boot=50)
+    assert masked["acc"] == pytest.approx(0.9) and masked["per_class"][1] == 0.0
 
 
 def test_frechet_with_ci_brackets_and_separates():
@@ -278,6 +282,9 @@ def test_mnist_classifier_learns_and_round_trips(tmp_path, one_thread):
     assert sc["cond_acc"]["acc"] > 0.95 and sc["fd"]["fd"] < 1e-6 + abs(sc["fd"]["fd"])
     wrong = mnist_scores(again, x, 1 - y, x, n_boot=50)
     assert wrong["cond_acc"]["acc"] < 0.05
+    blank = mnist_scores(again, torch.zeros_like(x), y, x, n_boot=50)  # blank images: always misses
+    assert blank["cond_acc"]["acc"] == 0.0 and blank["blank"]["fraction"] == 1.0
+    assert blank["cond_acc_classifier_only"]["acc"] >= blank["cond_acc"]["acc"]
     torch.save({"format": "other"}, tmp_path / "bad.pt")
     with pytest.raises(ValueError):
         load_mnist_classifier(tmp_path / "bad.pt")
