@@ -64,11 +64,16 @@ def start_variant(name: str, overrides: list[str], data: Path, run_dir: Path, st
 
 def finish_variant(name: str, overrides: list[str], run_dir: Path, started) -> dict:
     proc, cmd, t0 = started
-    _, err = proc.communicate()
-    wall = time.time() - t0
-    sys.stderr.write(err[-3000:])
-    if proc.returncode != 0:
-        raise SystemExit(f"variant {name} failed (exit {proc.returncode})")
+    if proc is None:  # --reuse: the run finished earlier; its peak RSS and wall time were saved then
+        saved = json.loads((run_dir / "bench_process.json").read_text()) if (run_dir / "bench_process.json").exists() else {}
+        err, wall = saved.get("stderr_tail", ""), saved.get("wall_s")
+    else:
+        _, err = proc.communicate()
+        wall = time.time() - t0
+        sys.stderr.write(err[-3000:])
+        if proc.returncode != 0:
+            raise SystemExit(f"variant {name} failed (exit {proc.returncode})")
+        (run_dir / "bench_process.json").write_text(json.dumps({"stderr_tail": err[-3000:], "wall_s": wall}))
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     res = json.loads((run_dir / "test_metrics.json").read_text())
     log = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -77,7 +82,7 @@ def finish_variant(name: str, overrides: list[str], run_dir: Path, started) -> d
     res.update(steps_trained=train[-1]["step"] if train else None)
     res.update(variant=name, overrides=overrides, wall_s=wall, peak_rss_gb=int(m.group(1)) / 1e6 if m else None,
                train_clusters_per_s=sum(sps) / len(sps) if sps else None, final_loss=train[-1]["loss"] if train else None,
-               command=" ".join(cmd), curve=[r for r in log if r.get("kind") == "eval"])
+               command=" ".join(cmd) or res.get("command"), curve=[r for r in log if r.get("kind") == "eval"])
     res.update(batch1_seconds_per_cluster=batch1_timing(run_dir / "model.pt", run_dir))
     res.pop("per_cluster", None)
     return res
@@ -91,7 +96,7 @@ def batch1_timing(model_pt: Path, run_dir: Path, n: int = 3, steps: int = 50) ->
     from kflow_mol.dataset import load_prepared, split_indices
     from kflow_mol.task import make_batch
 
-    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())["run"]
     model, task, noise, *_ = load_model(model_pt)
     clusters, _ = load_prepared(cfg["data"]["name"], cfg["data"].get("root"), noise,
                                 seed=int(cfg["data"]["split_seed"]), progress=False)
@@ -120,13 +125,7 @@ def learning_curve(results: list[dict], png: Path) -> None:
         st = [c["step"] for c in cur]
         axes[0].plot(st, [c["val_pm_atom_symmetry_aware"] for c in cur], marker="o", label=r["variant"])
         axes[1].plot(st, [c.get("val_rot_median_deg", float("nan")) for c in cur], marker="o", label=r["variant"])
-    base = results[0]
-    for name, ls in (("centroid_oracle", "--"), ("do_nothing", ":")):
-        m = base.get(name, {})
-        if "pm_atom_symmetry_aware" in m:
-            axes[0].axhline(m["pm_atom_symmetry_aware"], color="grey", ls=ls, lw=1, label=f"test {name.replace('_', ' ')}")
-        if "rot_median_deg" in m:
-            axes[1].axhline(m["rot_median_deg"], color="grey", ls=ls, lw=1, label=f"test {name.replace('_', ' ')}")
+    # no floor lines: the floors are measured on the test split, the curve on validation clusters
     axes[0].set(xlabel="training step", ylabel="val PM-atom sym-aware (Å)")
     axes[1].set(xlabel="training step", ylabel="val median rotation error (°)")
     for ax in axes:
@@ -182,6 +181,8 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=0, help="per-variant training time limit (s); 0 = none")
     ap.add_argument("--parallel", type=int, default=1,
                     help="variants trained at once (each gets cores / parallel threads); 1 = one after another")
+    ap.add_argument("--reuse", action="store_true",
+                    help="do not retrain variants whose run folder already holds test_metrics.json")
     ap.add_argument("--tag", default="", help="suffix of the result file and the BENCHMARKS.md section key")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for every variant (e.g. model=mol_tiny)")
     args = ap.parse_args()
@@ -202,7 +203,8 @@ def main() -> None:
     results = []
     for i in range(0, len(names), max(args.parallel, 1)):
         group = names[i:i + max(args.parallel, 1)]
-        started = {v: start_variant(v, VARIANTS[v], data, work / v, args.steps, args.eval_steps, extra, threads)
+        started = {v: (None, [], 0.0) if args.reuse and (work / v / "test_metrics.json").exists() else
+                   start_variant(v, VARIANTS[v], data, work / v, args.steps, args.eval_steps, extra, threads)
                    for v in group}
         results += [finish_variant(v, VARIANTS[v], work / v, started[v]) for v in group]
     cpu = platform.processor() or platform.machine()
