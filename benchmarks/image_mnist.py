@@ -2,7 +2,10 @@
 
     python benchmarks/image_mnist.py classifier              # (re)make kflow_image/weights/mnist_classifier.pt
     python benchmarks/image_mnist.py score RUN [RUN ...] [--steps 50] [--x0-mode estimate|fixed]
-                                            [--cfg-scale 1] [--no-ema] [--n-per-class 100] [--json FILE]
+                                            [--cfg-scale S] [--cfg-interval LO HI] [--no-ema] [--n-per-class 100]
+                                            [--json FILE] [--grid PNG]
+    python benchmarks/image_mnist.py diagnose RUN [RUN ...]   # predictions on the true path, by k
+    python benchmarks/image_mnist.py table FILE.json          # markdown rows
 
 ``classifier`` trains :class:`kflow_image.metrics.MNISTClassifier` on images ``[0, 9000)`` of the shipped MNIST
 test set (the generator's training split) and reports its accuracy on the held-out ``[9000, 10000)``.
@@ -150,6 +153,39 @@ def cmd_score(args) -> list[dict]:
     return out
 
 
+@torch.no_grad()
+def cmd_diagnose(args) -> None:
+    """Endpoint predictions on the *true* path of held-out digits, by k: is the model or the sampler at fault?
+
+    For each k: the classifier's accuracy on the decoded prediction x1_hat(x_k, k, y) and on x_k itself, and the
+    endpoint MSE; ``--grid`` writes rows x_k / x1_hat for 8 digits at every k.
+    """
+    from kflow_image.cli import load_run
+    from kflow_image.metrics import load_mnist_classifier
+    from kflow_image.sampling import save_grid
+
+    clf = load_mnist_classifier(args.classifier)
+    _, (xh, yh) = mnist_split()
+    x, y = xh[:args.n], yh[:args.n]
+    for rd in args.runs:
+        run = load_run(rd, "cpu")
+        task, model, codec = run["task"], run["model"], run["codec"]
+        x1 = codec.encode(x)
+        x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(0))
+        rows = []
+        for k in args.k:
+            ps = task.path.sample(x0, x1, torch.full((len(x1),), k))
+            pred = model(ps.x_k, ps.k, y=y)
+            img = codec.decode(pred)
+            acc_hat = float((clf.predict(img)[0] == y.numpy()).mean())
+            acc_k = float((clf.predict(codec.decode(ps.x_k))[0] == y.numpy()).mean())
+            print(json.dumps({"run": rd, "k": k, "mse_endpoint": round(float((pred - x1).pow(2).mean()), 5),
+                              "acc_x1_hat": acc_hat, "acc_x_k": acc_k}), flush=True)
+            rows += [codec.decode(ps.x_k[:8]), img[:8]]
+        if args.grid:
+            save_grid(torch.cat(rows), Path(args.grid) / f"diagnose_{Path(rd).name}.png", nrow=8, scale=2)
+
+
 def cmd_table(args) -> None:
     """Markdown rows of a scores JSON (one per scored run x sampler setting)."""
     rows = json.loads(Path(args.json).read_text())
@@ -188,13 +224,19 @@ def main(argv=None) -> int:
     s.add_argument("--classifier", help="classifier weights (default: the shipped ones)")
     s.add_argument("--grid", help="also save a labelled grid (8 per class) of the scored samples")
     s.add_argument("--json", help="append the results to this JSON list")
+    d = sub.add_parser("diagnose", help="endpoint predictions on the true path of held-out digits, by k")
+    d.add_argument("runs", nargs="+")
+    d.add_argument("--n", type=int, default=200)
+    d.add_argument("--k", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9, 0.97])
+    d.add_argument("--classifier")
+    d.add_argument("--grid", help="folder for the x_k / x1_hat picture")
     t = sub.add_parser("table", help="markdown table of a scores JSON")
     t.add_argument("json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     np.random.seed(0)
-    {"classifier": cmd_classifier, "score": cmd_score, "table": cmd_table}[args.cmd](args)
+    {"classifier": cmd_classifier, "score": cmd_score, "diagnose": cmd_diagnose, "table": cmd_table}[args.cmd](args)
     return 0
 
 
