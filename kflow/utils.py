@@ -397,7 +397,7 @@ def plot_curves(jsonl_path: str | os.PathLike, png_path: str | os.PathLike,
     panels = 1 + (1 if eval_keys else 0) + len(extra)
     fig = Figure(figsize=(6.5, 3.0 * panels), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
+    axes = fig.subplots(panels, 1, squeeze=False, sharex=True)[:, 0]  # eval points sit under their train steps
     ax = axes[0]
     if train:
         steps = [r["step"] for r in train]
@@ -410,18 +410,28 @@ def plot_curves(jsonl_path: str | os.PathLike, png_path: str | os.PathLike,
         if lrs:
             ax2 = ax.twinx()
             ax2.plot(*zip(*lrs), color="tab:gray", lw=0.8, ls="--", label="lr")
-            ax2.set_ylabel("lr", color="tab:gray")
+            ax2.set_ylabel("lr (dashed)", color="tab:gray")
+            ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # "1e-3" once, short tick labels
         ax.legend(loc="upper right")
     ax.set_xlabel("step")
     i = 1
     if eval_keys:
+        vals = []
         for k in eval_keys:
             pts = [(r["step"], r[k]) for r in evals if isinstance(r.get(k), (int, float))]
             if pts:
-                axes[i].plot(*zip(*pts), marker="o", ms=3, label=k)
+                vals += [v for _, v in pts]
+                # markers always: a single evaluation is otherwise an invisible zero-length line
+                axes[i].plot(*zip(*pts), marker="o", ms=6 if len(pts) == 1 else 3, label=f"{k} (last {pts[-1][1]:.3g})")
+        pos = [abs(v) for v in vals if v]
+        if pos and max(pos) / min(pos) > 30:  # metrics of very different sizes (Å and degrees) on one axis
+            axes[i].set_yscale("symlog", linthresh=1.0)
         axes[i].set_ylabel("eval")
         axes[i].set_xlabel("step")
         axes[i].legend(loc="best", fontsize=8)
+        if len({r["step"] for r in evals}) == 1 and not train:
+            s0 = evals[0]["step"]
+            axes[i].set_xlim(s0 - 1, s0 + 1)
         i += 1
     for k in extra:
         pts = [(r["step"], r[k]) for r in train if isinstance(r.get(k), (int, float))]
@@ -430,9 +440,12 @@ def plot_curves(jsonl_path: str | os.PathLike, png_path: str | os.PathLike,
         axes[i].set_ylabel(k)
         axes[i].set_xlabel("step")
         i += 1
-    # fixed margins: tight_layout costs ~1 s per call on a busy CPU, and this runs at every checkpoint
+    for a in axes[:-1]:
+        a.tick_params(labelbottom=True)  # sharex hides inner tick labels; keep them readable on every panel
+    # fixed margins: tight_layout costs ~1 s per call on a busy CPU, and this runs at every checkpoint;
+    # right=0.82 leaves room for the lr axis ticks and its label
     height = 3.0 * panels
-    fig.subplots_adjust(left=0.13, right=0.86, top=1 - 0.15 / height, bottom=0.5 / height, hspace=0.35)
+    fig.subplots_adjust(left=0.13, right=0.82, top=1 - 0.3 / height, bottom=0.5 / height, hspace=0.4)
     return atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
 
 

@@ -407,7 +407,16 @@ def _assemble(args, record, known, device, t_start, t_read) -> int:
         if known is True:
             metrics["refined"]["model"] = evaluate_cluster(ref, prep["final"], species, prep["perms"])
         panels["refined"] = ref
-    render_clusters(panels, species, out / "assembled.png", title=f"{record.id}")
+    from .render import figure_text
+
+    shown = {"loose": intermolecular_clashes(prep["initial"], species), "assembled": metrics["clashes"]}
+    shown.update({"reference": metrics["reference_clashes"]} if known is True else {})
+    shown.update({"refined": metrics["refined"]["clashes"]} if "refined" in metrics else {})
+    pm = {"loose": metrics["floors"]["do_nothing"], "assembled": metrics["model"],
+          **({"refined": metrics["refined"]["model"]} if "refined" in metrics else {})} if known is True else {}
+    subtitle, notes = figure_text(shown, pm, metrics.get("floors"))
+    render_clusters(panels, species, out / "assembled.png", title=f"SMILES {args.smiles}" if args.smiles
+                    else record.id, subtitle=subtitle, notes=notes)
     metrics["seconds_total"] = time.perf_counter() - t_start  # reading, model, sampling, scoring, writing
     metrics["seconds_read_input"] = t_read
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
@@ -462,7 +471,15 @@ def cmd_inspect(args, extra) -> int:
         info["do_nothing_pm_center"] = fl["do_nothing"]["pm_center"]
         info["undo_mean_expansion_pm_center"] = fl["undo_mean_expansion"]["pm_center"]
     png = Path(args.png or f"{record.id}_cluster.png")
-    render_clusters({"loose": prep["initial"], "packed": prep["final"]}, prep["species"], png, title=record.id)
+    from .metrics import intermolecular_clashes
+    from .render import figure_text
+
+    subtitle, notes = figure_text(
+        {"loose": intermolecular_clashes(prep["initial"], prep["species"]),
+         "packed": intermolecular_clashes(prep["final"], prep["species"])},
+        {"loose": fl["do_nothing"]} if known is True else None, fl if known is True else None)
+    render_clusters({"loose": prep["initial"], "packed": prep["final"]}, prep["species"], png, title=record.id,
+                    subtitle=subtitle, notes=notes)
     info["picture"] = str(png)
     print(json.dumps(info, indent=1))
     return 0

@@ -453,3 +453,25 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
     quiet.fit()
     assert "train step" not in capsys.readouterr().err
     _assert_state_equal(tr.model.state_dict(), quiet.model.state_dict())
+
+def test_loss_plot_single_eval_point_is_a_visible_marker_under_the_train_steps(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from kflow.utils import plot_curves
+
+    path = tmp_path / "m.jsonl"
+    rows = [{"kind": "train", "step": s, "loss": 10.0 / s, "lr": 1e-3} for s in range(10, 110, 10)]
+    rows.append({"kind": "eval", "step": 100, "val_pm_atom": 4.2, "val_rot_median_deg": 133.0})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figs = []
+    orig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figs.append(self), orig(self, *a, **k))[1])
+    plot_curves(path, tmp_path / "c.png")
+    loss_ax, eval_ax = figs[0].axes[0], figs[0].axes[1]
+    assert all(line.get_marker() == "o" and line.get_markersize() >= 5 for line in eval_ax.lines)
+    assert eval_ax.get_xlim()[0] <= 10 and eval_ax.get_xlim() == loss_ax.get_xlim()  # not a lone point on its own axis
+    lr_ax = figs[0].axes[-1]
+    assert lr_ax.get_ylabel().startswith("lr")
+    renderer = figs[0].canvas.get_renderer()
+    box = lr_ax.yaxis.label.get_window_extent(renderer)
+    assert box.x1 <= figs[0].bbox.width  # the lr label is inside the picture, not clipped
