@@ -59,11 +59,7 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
     out["symmetry_orders"] = {str(k): orders.count(k) for k in sorted(set(orders))}
     if model is not None:
         preds, seconds = predict_clusters(model, task, clusters, steps, method, grid, batch_size, device, progress)
-        per = []
-        for p, c in zip(preds, clusters):
-            clash = intermolecular_clashes(p, c["species"])
-            per.append({**evaluate_cluster(p, c["final"], c["species"], c["perms"]),
-                        **{k: clash[k] for k in _CLASH_KEYS}})
+        per = [_score(p, c) for p, c in zip(preds, clusters)]
         out["model"] = summarize(per)
         out["seconds_per_cluster"] = seconds / max(len(clusters), 1)
         out["per_cluster"] = [{"id": c["id"], **{k: v for k, v in r.items()}} for c, r in zip(clusters, per)]
@@ -77,15 +73,20 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
         out["_predictions"] = preds
         if refine is not None:
             refined = [refine_positions(p, c, refine) for p, c in zip(preds, clusters)]
-            per_r = [{**evaluate_cluster(p, c["final"], c["species"], c["perms"]),
-                      **{k: intermolecular_clashes(p, c["species"])[k] for k in _CLASH_KEYS}}
-                     for p, c in zip(refined, clusters)]
+            per_r = [_score(p, c) for p, c in zip(refined, clusters)]
             out["model_refined"] = summarize(per_r)
             for r, pr in zip(out["per_cluster"], per_r):
                 r.update({f"refined_{k}": pr[k] for k in ("pm_atom", "pm_atom_symmetry_aware", "rot_median_deg",
                                                            "clashes")})
             out["_refined"] = refined
     return out
+
+
+def _score(pred: np.ndarray, cluster: dict) -> dict:
+    """Every metric of one assembled cluster against its reference, with the clash figures."""
+    clash = intermolecular_clashes(pred, cluster["species"])
+    return {**evaluate_cluster(pred, cluster["final"], cluster["species"], cluster["perms"]),
+            **{k: clash[k] for k in _CLASH_KEYS}}
 
 
 def refine_positions(pred: np.ndarray, cluster: dict, cfg) -> np.ndarray:

@@ -479,9 +479,8 @@ def rotation_errors(pred: Any, true: Any, perms: torch.Tensor | np.ndarray) -> n
         if not (np.all(np.isfinite(p[i])) and np.all(np.isfinite(t[i]))):  # the SVD would not converge
             out[i] = np.nan
             continue
-        for g in perms:
-            R, _ = so3.kabsch_np(t[i][g], p[i])
-            out[i] = min(out[i], float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0)))))
+        R = torch.from_numpy(np.stack([so3.kabsch_np(t[i][g], p[i])[0] for g in perms]))
+        out[i] = float(np.degrees(so3.geodesic_distance(R, torch.eye(3, dtype=R.dtype)).min().item()))
     return out
 
 

@@ -116,16 +116,17 @@ def refine_cluster(species: np.ndarray, template: np.ndarray, c: np.ndarray, R: 
     om = torch.zeros_like(c_ref, requires_grad=True)
 
     def poses():
-        Rn = so3.exp(om) @ R_ref
-        return c_ref + dc, Rn
+        return c_ref + dc, so3.exp(om) @ R_ref
+
+    def energy():
+        cc, Rn = poses()
+        return _energy(torch.einsum("mij,nj->mni", Rn, t) + cc[:, None], x, d, cfg.cutoff)
 
     def total():
-        cc, Rn = poses()
-        pos = torch.einsum("mij,nj->mni", Rn, t) + cc[:, None]
-        return _energy(pos, x, d, cfg.cutoff) + cfg.restraint * (dc**2).sum()
+        return energy() + cfg.restraint * (dc**2).sum()
 
     with torch.no_grad():
-        e0 = float(total() - 0.0)
+        e0 = float(energy())  # the restraint is zero at the start
     opt = torch.optim.LBFGS([dc, om], lr=1.0, max_iter=cfg.steps, line_search_fn="strong_wolfe")
 
     def closure():
@@ -137,6 +138,5 @@ def refine_cluster(species: np.ndarray, template: np.ndarray, c: np.ndarray, R: 
     opt.step(closure)
     with torch.no_grad():
         cc, Rn = poses()
-        pos = torch.einsum("mij,nj->mni", Rn, t) + cc[:, None]
-        e1 = float(_energy(pos, x, d, cfg.cutoff))
+        e1 = float(energy())
     return RefineResult(cc.numpy(), Rn.numpy(), e0, e1)

@@ -248,3 +248,19 @@ def test_verdict_and_warning_words():
     assert clash_warning("x", clash).startswith("WARNING: x: 93 intermolecular clashes")
     assert clash_warning("x", {**clash, "clashes": 0}) is None
     assert verdict({}, {}, {**clash, "clashes": 0})[0].startswith("clashes: no atom pairs")
+
+
+def test_rotation_errors_are_angles_to_the_closest_equivalent():
+    """A molecule turned by 30° reads 30°; a symmetric molecule turned onto its own image reads 0°."""
+    rotation_errors = M.rotation_errors
+    # planar D2h-like rectangle of 4 atoms + an asymmetric 4-atom molecule, two copies each
+    rect = np.array([[1.5, 0.7, 0], [-1.5, 0.7, 0], [-1.5, -0.7, 0], [1.5, -0.7, 0]])
+    swap = np.array([2, 3, 0, 1])  # the 180° turn about z maps atom a onto swap[a]
+    perms = np.stack([np.arange(4), swap])
+    true = np.stack([rect, rect + 10.0])
+    rz = lambda deg: so3.exp(torch.tensor([0.0, 0.0, np.radians(deg)])).numpy()  # noqa: E731
+    pred = np.stack([rect @ rz(30).T, (rect @ rz(180).T) + 10.0])
+    err = rotation_errors(pred, true, perms)
+    assert np.allclose(err, [30.0, 0.0], atol=1e-6)
+    # without the automorphism the half turn is 180°
+    assert np.isclose(rotation_errors(pred, true, perms[:1])[1], 180.0, atol=1e-6)
