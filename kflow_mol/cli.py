@@ -367,6 +367,7 @@ def _assemble(args, record, known, device, t_start, t_read) -> int:
     from .io import write_cluster_cif, write_xyz
     from .metrics import evaluate_cluster, intermolecular_clashes, oracle_floors
     from .render import render_clusters
+    from .shapes import copy_perms
     from .task import make_batch
 
     model, task, noise, cfg, info, p = load_model(args.ckpt, device)
@@ -391,8 +392,8 @@ def _assemble(args, record, known, device, t_start, t_read) -> int:
                "reference_known": known is True, "clashes": intermolecular_clashes(pos, species)}
     panels = {"loose": prep["initial"], "assembled": pos}
     if known is True:
-        metrics["model"] = evaluate_cluster(pos, prep["final"], species, prep["perms"])
-        metrics["floors"] = oracle_floors(prep["initial"], prep["final"], species, prep["perms"],
+        metrics["model"] = evaluate_cluster(pos, prep["final"], species, copy_perms(prep))
+        metrics["floors"] = oracle_floors(prep["initial"], prep["final"], species, copy_perms(prep),
                                           float(noise.expansion_mean))
         metrics["reference_clashes"] = intermolecular_clashes(prep["final"], species)
         panels["reference"] = prep["final"]
@@ -405,7 +406,7 @@ def _assemble(args, record, known, device, t_start, t_read) -> int:
         write_cluster_cif(out / "refined.cif", species, ref, name=f"{record.id}_refined_cluster")
         metrics["refined"] = {"clashes": intermolecular_clashes(ref, species)}
         if known is True:
-            metrics["refined"]["model"] = evaluate_cluster(ref, prep["final"], species, prep["perms"])
+            metrics["refined"]["model"] = evaluate_cluster(ref, prep["final"], species, copy_perms(prep))
         panels["refined"] = ref
     from .render import figure_text
 
@@ -454,6 +455,7 @@ def cmd_inspect(args, extra) -> int:
     from .dataset import prepare
     from .metrics import oracle_floors
     from .render import render_clusters
+    from .shapes import copy_perms
 
     args.smiles = None
     noise = instantiate(compose("mol", extra).noise)
@@ -464,9 +466,10 @@ def cmd_inspect(args, extra) -> int:
     info = {"id": record.id, "molecules": int(x.shape[0]), "atoms_per_molecule": int(x.shape[1]),
             "formula": "".join(f"{s}{record.symbols.count(s)}" for s in sorted(set(record.symbols))),
             "cluster_radius_A": float(np.linalg.norm(c - c[0], axis=1).max()),
-            "symmetry_order": int(len(prep["perms"]))}
+            "symmetry_order": int(len(prep["perms"])), "rigid_shapes": int(len(prep["templates"]))}
     if known is True:
-        fl = oracle_floors(prep["initial"], prep["final"], prep["species"], prep["perms"], float(noise.expansion_mean))
+        fl = oracle_floors(prep["initial"], prep["final"], prep["species"], copy_perms(prep),
+                           float(noise.expansion_mean))
         info["do_nothing_pm_atom"] = fl["do_nothing"]["pm_atom"]
         info["do_nothing_pm_center"] = fl["do_nothing"]["pm_center"]
         info["undo_mean_expansion_pm_center"] = fl["undo_mean_expansion"]["pm_center"]

@@ -1,8 +1,8 @@
 """Datasets for assembly: the registry (cod17-mini / 5k / 10k / all / a path), cached preparation, splits.
 
-Preparing a cluster means: a body-frame *template* of the molecule (inertial frame of the central copy),
-the packed orientations ``R1`` and centroids ``c1`` of all 17 copies, the molecule's proper symmetry
-rotations (computed once per cluster), and the loose state (given by the data, or drawn with our
+Preparing a cluster means: each copy's own body-frame coordinates, grouped into distinct *shapes* (mirror
+images, Z' > 1 conformers; :mod:`kflow_mol.shapes`), the packed orientations ``R1`` and centroids ``c1`` of all
+17 copies, the proper symmetry rotations of every shape (computed once per cluster), and the loose state (given by the data, or drawn with our
 documented noise model :mod:`kflow_mol.noise`). Prepared clusters are cached on disk, keyed by the content
 of the inputs and every setting that changes them.
 """
@@ -22,7 +22,7 @@ from kflow.utils import atomic_save
 from .data import BuildError, ClusterRecord
 
 OFFICIAL = {"cod17-5k": "5k", "cod17-10k": "10k", "cod17-all": "all"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-copy rigid bodies (templates, copy_shape, body)
 
 
 def default_cache_dir() -> Path:
@@ -138,26 +138,30 @@ def rejection_summary(rejected: list[dict]) -> dict:
     return {"count": len(rejected), "by_reason": dict(sorted(by.items())), "items": list(rejected)}
 
 
-def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0) -> dict:
-    """Everything training and evaluation need for one cluster, as numpy arrays (see module doc)."""
+def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0, shape_tol: float | None = None) -> dict:
+    """Everything training and evaluation need for one cluster, as numpy arrays (see module doc).
+
+    Each copy is its own rigid body (:mod:`kflow_mol.shapes`): ``body (M, n, 3)`` with
+    ``final_i = body_i @ R1_i^T + c1_i`` exactly; copies of one shape share ``templates[copy_shape[i]]`` and its
+    automorphisms ``shape_perms`` / ``shape_symmetries`` (identity-padded; ``shape_orders`` the real orders).
+    ``template``, ``perms`` and ``symmetries`` are those of shape 0 (the central copy's).
+    """
     from .build import file_rng
-    from .frames import body_coordinates
     from .noise import LooseConfig, make_loose
-    from .so3 import kabsch
-    from .symmetry import automorphisms
+    from .shapes import SHAPE_TOL, find_shapes, shape_symmetries
 
     final = np.asarray(record.final, dtype=np.float64)
-    template, _ = body_coordinates(torch.from_numpy(final[0]))
-    template = template.numpy()
+    sh = find_shapes(final, SHAPE_TOL if shape_tol is None else shape_tol)
     initial = record.initial
     if initial is None:
         initial = make_loose(final, file_rng(seed, record.id), noise_cfg or LooseConfig())
-    t = torch.from_numpy(template)[None].expand(final.shape[0], -1, -1)
-    R1 = kabsch(t, torch.from_numpy(final)).numpy()
-    perms, rots = automorphisms(record.species, template)
-    return {"id": record.id, "species": np.asarray(record.species, dtype=np.int64), "template": template,
-            "final": final, "initial": np.asarray(initial, dtype=np.float64), "R1": R1, "c1": final.mean(1),
-            "perms": perms.numpy(), "symmetries": rots.numpy()}
+    perms, rots, orders = shape_symmetries(record.species, sh.templates)
+    g0 = int(orders[0])
+    return {"id": record.id, "species": np.asarray(record.species, dtype=np.int64), "template": sh.templates[0],
+            "final": final, "initial": np.asarray(initial, dtype=np.float64), "R1": sh.R, "c1": final.mean(1),
+            "perms": perms[0, :g0], "symmetries": rots[0, :g0], "templates": sh.templates,
+            "copy_shape": sh.copy_shape, "body": sh.body, "shape_perms": perms, "shape_symmetries": rots,
+            "shape_orders": orders, "mirror_of": sh.mirror_of}
 
 
 def load_prepared(data: str, data_root=None, noise_cfg=None, seed: int = 0, cache_dir=None,

@@ -9,6 +9,7 @@ import numpy as np
 from torch import nn
 
 from .metrics import CLASH_FRACTION, evaluate_cluster, intermolecular_clashes, oracle_floors, summarize
+from .shapes import copy_perms
 from .task import AssemblyTask, make_batch
 
 FLOOR_NAMES = ("do_nothing", "undo_mean_expansion", "centroid_oracle", "orientation_oracle", "symmetry_blind_oracle")
@@ -51,12 +52,14 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
     rigid-body pair-energy minimisation and scored separately as ``model_refined`` (never folded into
     ``model``)."""
     out: dict = {"num_clusters": len(clusters), "steps": steps, "method": method}
-    floors = [oracle_floors(c["initial"], c["final"], c["species"], c["perms"], expansion_mean) for c in clusters]
+    floors = [oracle_floors(c["initial"], c["final"], c["species"], copy_perms(c), expansion_mean) for c in clusters]
     for name in FLOOR_NAMES:
         if floors and name in floors[0]:
             out[name] = summarize([f[name] for f in floors])
-    orders = [int(len(c["perms"])) for c in clusters]
+    orders = [int(len(c["perms"])) for c in clusters]  # the central copy's point group
     out["symmetry_orders"] = {str(k): orders.count(k) for k in sorted(set(orders))}
+    shapes = [int(len(c.get("templates", [0]))) for c in clusters]  # distinct rigid shapes per cluster
+    out["shapes_per_cluster"] = {str(k): shapes.count(k) for k in sorted(set(shapes))}
     if model is not None:
         preds, seconds = predict_clusters(model, task, clusters, steps, method, grid, batch_size, device, progress)
         per = [_score(p, c) for p, c in zip(preds, clusters)]
@@ -85,20 +88,20 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
 def _score(pred: np.ndarray, cluster: dict) -> dict:
     """Every metric of one assembled cluster against its reference, with the clash figures."""
     clash = intermolecular_clashes(pred, cluster["species"])
-    return {**evaluate_cluster(pred, cluster["final"], cluster["species"], cluster["perms"]),
+    return {**evaluate_cluster(pred, cluster["final"], cluster["species"], copy_perms(cluster)),
             **{k: clash[k] for k in _CLASH_KEYS}}
 
 
 def refine_positions(pred: np.ndarray, cluster: dict, cfg) -> np.ndarray:
-    """Refine one predicted cluster ``(M, n, 3)`` (rigid poses recovered by Kabsch on the template)."""
+    """Refine one predicted cluster ``(M, n, 3)`` (rigid poses recovered by Kabsch on each copy's body)."""
     from .refine import refine_cluster
     from .so3 import kabsch_np
 
-    t = cluster["template"]
+    t = np.asarray(cluster["body"]) if "body" in cluster else np.broadcast_to(cluster["template"], pred.shape)
     c = pred.mean(1)
-    R = np.stack([kabsch_np(t, x)[0] for x in pred])
+    R = np.stack([kabsch_np(b, x)[0] for b, x in zip(t, pred)])
     res = refine_cluster(cluster["species"], t, c, R, cfg)
-    return np.einsum("mij,nj->mni", res.R, t) + res.c[:, None]
+    return np.einsum("mij,mnj->mni", res.R, t) + res.c[:, None]
 
 
 def verdict(model: dict, floors: dict, clashes: dict) -> list[str]:

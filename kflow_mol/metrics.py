@@ -328,13 +328,24 @@ def pm_atom_perm_invariant(pred: Any, true: Any) -> tuple[float, np.ndarray]:
     return pm_atom(p[sigma], t), sigma
 
 
+def _molecule_perms(perms: Any, M: int) -> np.ndarray:
+    """Automorphisms per molecule ``(M, G, n)`` from a shared ``(G, n)`` or a per-molecule ``(M, G, n)``."""
+    p = np.asarray(torch.as_tensor(perms).cpu(), dtype=np.int64)
+    if p.ndim == 2:
+        return np.ascontiguousarray(np.broadcast_to(p, (M, *p.shape)))
+    if p.ndim != 3 or p.shape[0] != M:
+        raise ValueError(f"perms must be (G, n) or ({M}, G, n), got {p.shape}")
+    return p
+
+
 def _symmetry_descent(p: np.ndarray, t: np.ndarray, labels: np.ndarray, perms: np.ndarray, sweeps: int = 5):
-    """Coordinate descent of the PM-atom squared error over per-molecule automorphism labels."""
+    """Coordinate descent of the PM-atom squared error over per-molecule automorphism labels
+    (``perms (M, G, n)``: each true molecule's own group)."""
     M, n, _ = p.shape
-    G = perms.shape[0]
+    G = perms.shape[1]
     P = p.reshape(-1, 3)
     Dp = _dist(P)
-    cand_all = t[:, perms]  # (M, G, n, 3) every relabelling of every true molecule
+    cand_all = np.take_along_axis(t[:, None], perms[..., None], axis=2)  # (M, G, n, 3) every relabelling
     cur = cand_all[np.arange(M), labels]  # (M, n, 3)
     for _ in range(sweeps):
         changed = False
@@ -372,14 +383,15 @@ def pm_atom_symmetry_aware(
     Args:
         pred: ``(M, n, 3)``.
         true: ``(M, n, 3)``.
-        perms: ``(G, n)`` automorphism permutations of the molecule (identity first).
+        perms: ``(G, n)`` automorphism permutations of the molecule (identity first), or ``(M, G, n)`` per
+            true molecule (copies of different shapes; identity-padded).
         sigma: a matching or a list of candidate matchings (default: those of :func:`match_molecules`).
 
     Returns:
         ``(value, sigma, true_relabelled (M, n, 3))`` where ``true_relabelled`` is aligned with ``pred[sigma]``.
     """
     p, t = _cluster(pred, "pred"), _cluster(true, "true")
-    perms_np = np.asarray(torch.as_tensor(perms).cpu(), dtype=np.int64)
+    perms_np = _molecule_perms(perms, len(t))
     if sigma is None:
         sigmas = match_molecules(p, t, return_candidates=True)
     elif isinstance(sigma, list):
@@ -393,7 +405,7 @@ def pm_atom_symmetry_aware(
         val0 = pm_atom(ps, t)
         if val0 < best_val or best_val == float("inf"):  # a nan PM (non-finite prediction) is kept as is
             best_val, best_sigma, best = val0, s, t
-        if perms_np.shape[0] > 1 and np.all(np.isfinite(ps)):
+        if perms_np.shape[1] > 1 and np.all(np.isfinite(ps)):
             _, idx = closest_equivalent(torch.from_numpy(t), torch.from_numpy(ps), torch.from_numpy(perms_np))
             for start in (np.zeros(M, dtype=np.int64), idx.numpy().astype(np.int64)):
                 cur, _ = _symmetry_descent(ps, t, start.copy(), perms_np)
@@ -467,19 +479,20 @@ def rotation_errors(pred: Any, true: Any, perms: torch.Tensor | np.ndarray) -> n
     automorphisms (a symmetric molecule turned onto an equivalent of its target is right).
 
     Args:
-        pred, true: ``(M, n, 3)`` positions. perms: ``(G, n)`` automorphisms (identity included).
+        pred, true: ``(M, n, 3)`` positions. perms: ``(G, n)`` automorphisms (identity included) or
+            ``(M, G, n)`` per molecule.
 
     Returns:
         ``(M,)`` angles in [0, 180]; ``nan`` for a molecule with non-finite positions (invalid, not a crash).
     """
     p, t = _cluster(pred, "pred"), _cluster(true, "true")
-    perms = np.asarray(torch.as_tensor(perms).cpu().numpy(), dtype=np.int64)
+    perms = _molecule_perms(perms, p.shape[0])
     out = np.full(p.shape[0], 180.0)
     for i in range(p.shape[0]):
         if not (np.all(np.isfinite(p[i])) and np.all(np.isfinite(t[i]))):  # the SVD would not converge
             out[i] = np.nan
             continue
-        R = torch.from_numpy(np.stack([so3.kabsch_np(t[i][g], p[i])[0] for g in perms]))
+        R = torch.from_numpy(np.stack([so3.kabsch_np(t[i][g], p[i])[0] for g in perms[i]]))
         out[i] = float(np.degrees(so3.geodesic_distance(R, torch.eye(3, dtype=R.dtype)).min().item()))
     return out
 
@@ -491,7 +504,8 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
         pred: ``(M, n, 3)`` predicted positions (labelled like ``true``).
         true: ``(M, n, 3)`` true packed positions.
         species: ``(n,)`` atomic numbers of one molecule.
-        perms: ``(G, n)`` automorphisms of the molecule; ``None`` computes them from ``true[0]``.
+        perms: ``(G, n)`` automorphisms of the molecule, or ``(M, G, n)`` per copy (mirror images, Z' > 1
+            conformers: :func:`kflow_mol.shapes.copy_perms`); ``None`` computes them from ``true[0]``.
 
     Returns:
         dict with the published ``pm_atom, pm_center, collision, separation`` and ours
@@ -526,11 +540,20 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
         cluster_rmsd=cluster_rmsd(p, t),
         cluster_rmsd_symmetry_aware=cluster_rmsd(p[sigma_sym], t_rel),
         compack_matched=compack_matched(p[sigma_sym], t_rel),
-        symmetry_order=int(torch.as_tensor(perms).shape[0]),
+        symmetry_order=_symmetry_order(perms),
     )
     rot = rotation_errors(p, t, perms)
     out.update(rot_median_deg=float(np.median(rot)), rot_within_10deg=float((rot < 10.0).mean()))
     return out
+
+
+def _symmetry_order(perms: Any) -> int:
+    """Order of the molecule's proper point group (the largest over the copies when given per copy; the
+    identity padding of a per-copy array is not counted)."""
+    p = np.asarray(torch.as_tensor(perms).cpu())
+    if p.ndim == 2:
+        return int(p.shape[0])
+    return max(len({tuple(g) for g in q.tolist()}) for q in p)
 
 
 _PUBLISHED_PM = ("pm_atom", "pm_center")
@@ -588,7 +611,7 @@ def oracle_floors(
         initial: ``(M, n, 3)`` loose positions.
         final: ``(M, n, 3)`` true packed positions (same labels).
         species: ``(n,)``.
-        perms: automorphisms (``None``: computed from ``final[0]``).
+        perms: automorphisms ``(G, n)`` or per copy ``(M, G, n)`` (``None``: computed from ``final[0]``).
         expansion_mean: when given, also the "undo mean expansion" floor (centroids shrunk about the
             cluster centre by this factor, orientations untouched).
 

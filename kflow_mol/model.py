@@ -6,10 +6,12 @@ lab-frame vectors ``[dc, omega]`` = the predicted residual from the current rigi
 
 Three stages, each placed where its inputs change:
 
-1. **Template encoder** (once per cluster, not per copy nor per step; cache it with
+1. **Template encoder** (once per distinct shape of a cluster, not per copy nor per step; cache it with
    :meth:`AssemblyNet.encode_templates`): e3nn equivariant convolutions on the intramolecular radius graph
-   of the body-frame template. Gives per-atom invariant scalars ``s_a`` (same for all 17 copies) and pooled
-   body-frame ``1o``/``1e`` vectors, which copy ``i`` rotates into the lab frame with its ``R_i``.
+   of each body-frame shape template (most clusters have one; a molecule beside its mirror image or Z' > 1
+   conformers have several, see :mod:`kflow_mol.shapes`). Gives per-atom invariant scalars ``s_a`` (shared by
+   the copies of a shape) and pooled body-frame ``1o``/``1e`` vectors, which copy ``i`` rotates into the lab
+   frame with its ``R_i``; each copy's atoms sit at its own body coordinates.
 2. **Contacts at the current state**: atom-atom distances between different molecules (dense per molecule
    pair, only for pairs whose bounding spheres come within the cutoff - the others have no contact by the
    triangle inequality, so the pruning is exact). Aggregated per directed pair ``(i, j)`` *through the
@@ -154,9 +156,9 @@ class TemplateCache:
     """Template-encoder output, valid for every copy and every step of the same clusters.
 
     Attributes:
-        atom_scalars: ``(A_t, S)`` invariant per-atom features.
-        pooled_scalars: ``(B, S)`` per-molecule-type invariants.
-        pooled_vectors: ``(B, V, 3)`` body-frame Cartesian vectors (``V/2`` of type 1o then ``V/2`` 1e).
+        atom_scalars: ``(A_t, S)`` invariant per-atom features (rows of every distinct shape's template).
+        pooled_scalars: ``(S_shapes, S)`` per-shape invariants.
+        pooled_vectors: ``(S_shapes, V, 3)`` body-frame Cartesian vectors (``V/2`` of type 1o then ``V/2`` 1e).
     """
 
     atom_scalars: torch.Tensor
@@ -197,15 +199,17 @@ class TemplateEncoder(nn.Module):
         self.scalars = scalars
 
     def forward(self, batch: ClusterBatch) -> TemplateCache:
-        """Encode the templates of ``batch`` (one pass per cluster, shared by its 17 copies)."""
+        """Encode the templates of ``batch``: one pass per distinct shape of each cluster (one for most
+        clusters; e.g. two for a molecule and its mirror image), shared by the copies of that shape."""
         t = batch.template.to(self.embed.weight.dtype)
         with torch.no_grad():
-            tp = batch.template_padded.to(t.dtype)
+            tp = batch.shape_template_padded.to(t.dtype)
+            mask = batch.shape_pad_mask
             d = torch.cdist(tp, tp)
-            ok = batch.pad_mask[:, :, None] & batch.pad_mask[:, None, :] & (d < self.cutoff)
+            ok = mask[:, :, None] & mask[:, None, :] & (d < self.cutoff)
             ok &= ~torch.eye(batch.n_max, dtype=torch.bool, device=d.device)
             b, a_dst, a_src = ok.nonzero(as_tuple=True)
-            dst, src = batch.pad_index[b, a_dst], batch.pad_index[b, a_src]
+            dst, src = batch.shape_pad_index[b, a_dst], batch.shape_pad_index[b, a_src]
         vec = t[src] - t[dst]
         dist = vec.norm(dim=-1)
         sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
@@ -216,9 +220,9 @@ class TemplateEncoder(nn.Module):
         S, V = self.scalars, self.vectors
         atom_scalars = h[:, :S]
         vecs = h[:, S:].reshape(-1, 2 * V, 3)[..., _FROM_E3NN]  # 1o block then 1e block, Cartesian
-        B = batch.num_clusters
-        pooled_s = scatter(atom_scalars, batch.template_batch, dim=0, dim_size=B, reduce="mean")
-        pooled_v = scatter(vecs, batch.template_batch, dim=0, dim_size=B, reduce="mean")
+        S_shapes = batch.num_shapes
+        pooled_s = scatter(atom_scalars, batch.template_shape, dim=0, dim_size=S_shapes, reduce="mean")
+        pooled_v = scatter(vecs, batch.template_shape, dim=0, dim_size=S_shapes, reduce="mean")
         return TemplateCache(atom_scalars, pooled_s, pooled_v)
 
 
@@ -366,8 +370,8 @@ class AssemblyNet(nn.Module):
         """Directed pair contact features.
 
         Args:
-            xp: ``(B, M, n, 3)`` padded positions; c: ``(B, M, 3)``; s_pad: ``(B, n, S1)`` atom channels
-                (zero in padded slots); radius: ``(B,)`` template bounding radius.
+            xp: ``(B, M, n, 3)`` padded positions; c: ``(B, M, 3)``; s_pad: ``(B, M, n, S1)`` atom channels of
+                every copy (zero in padded slots); radius: ``(B, M)`` bounding radius of every copy.
 
         Returns:
             ``scal (B, M, M, Fs)`` and ``vec (B, M, M, D)`` (e3nn layout ``2S1x1o+S1x1e+S1x2e``) for the
@@ -383,8 +387,8 @@ class AssemblyNet(nn.Module):
             # j is within r_i + rc of c_i and vice versa. near[b, i, j] = min_b |x_b(j) - c_i|.
             dist = torch.cdist(c, xp.reshape(B, M * n, 3)).reshape(B, M, M, n)
             near = dist.masked_fill(~batch.pad_mask[:, None, None, :], float("inf")).amin(-1)
-            reach = (radius + rc)[:, None, None]
-            keep = (near < reach) & (near.transpose(1, 2) < reach)
+            reach = (radius + rc)[:, :, None]  # r_i + rc at [b, i, j]
+            keep = (near < reach) & (near.transpose(1, 2) < reach.transpose(1, 2))
             keep &= torch.ones(M, M, dtype=torch.bool, device=c.device).triu(1)
             bi, ii, jj = keep.nonzero(as_tuple=True)
         scal = xp.new_zeros(B, M, M, Fs)
@@ -410,11 +414,10 @@ class AssemblyNet(nn.Module):
         n_i, n_j = wx[..., 3], wtx[..., 3]
         v_i = (wx[..., :3] - n_i[..., None] * xi) / L
         v_j = (wtx[..., :3] - n_j[..., None] * xj) / L
-        s = s_pad[bi]
         lev_i = xi / L
         lev_j = (xp[bi, jj] - cj[:, None]) / L
-        side_i = self._side(n_i, q.sum(2), v_i, lev_i, s)
-        side_j = self._side(n_j, q.sum(1), v_j, lev_j, s)
+        side_i = self._side(n_i, q.sum(2), v_i, lev_i, s_pad[bi, ii])
+        side_j = self._side(n_j, q.sum(1), v_j, lev_j, s_pad[bi, jj])
         scal = scal.index_put((bi, ii, jj), side_i[0]).index_put((bi, jj, ii), side_j[0])
         vec = vec.index_put((bi, ii, jj), side_i[1]).index_put((bi, jj, ii), side_j[1])
         return scal, vec
@@ -479,32 +482,32 @@ class AssemblyNet(nn.Module):
                 got = None if node_features is None else tuple(node_features.shape)
                 raise ValueError(f"node_features must have shape ({B}, {M}, {self.node_feature_dim}), got {got}")
         cache = template_cache if template_cache is not None else self.encoder(batch)
-        if cache.pooled_scalars.shape[0] != B:
+        if cache.pooled_scalars.shape[0] != batch.num_shapes:
             raise ValueError("template_cache was built for a different batch")
 
-        # Per-atom template channels (shared by all copies), padded (B, n, .)
-        valid = batch.pad_mask[..., None].to(c.dtype)
+        # Per-atom template channels of each copy's shape (encoded once per shape), padded (B, M, n, .)
+        valid = batch.pad_mask[:, None, :, None].to(c.dtype)
         ones = torch.ones_like(cache.atom_scalars[:, :1])
-        s_c = torch.cat([self.contact_proj(cache.atom_scalars), ones], -1)[batch.pad_index] * valid
-        s_m = self.multipole_proj(cache.atom_scalars)[batch.pad_index] * valid
+        s_c = torch.cat([self.contact_proj(cache.atom_scalars), ones], -1)[batch.copy_pad_index] * valid
+        s_m = self.multipole_proj(cache.atom_scalars)[batch.copy_pad_index] * valid
         n_atoms = batch.num_atoms.to(c.dtype)[:, None, None, None]
 
         xp = batch.positions_padded(c, R)  # (B, M, n, 3)
         lev = (xp - c[:, :, None]) / self.length_unit
         with torch.no_grad():
-            radius = (batch.template_padded.norm(dim=-1) * batch.pad_mask).amax(1).to(c.dtype)
+            radius = (batch.body_padded.norm(dim=-1) * batch.pad_mask[:, None]).amax(2).to(c.dtype)  # (B, M)
 
         # ---- node inputs
         center = c.mean(1, keepdim=True)
         rel = (c - center) / self.pos_scale
-        y1 = torch.einsum("bmnx,bns->bmsx", lev, s_m) / n_atoms
-        y2 = torch.einsum("bmny,bns->bmsy",
+        y1 = torch.einsum("bmnx,bmns->bmsx", lev, s_m) / n_atoms
+        y2 = torch.einsum("bmny,bmns->bmsy",
                           o3.spherical_harmonics(2, lev, normalize=False, normalization="component"),
                           s_m) / n_atoms
-        body = torch.einsum("bmij,bvj->bmvi", R, cache.pooled_vectors)  # rotate body -> lab
+        body = torch.einsum("bmij,bmvj->bmvi", R, cache.pooled_vectors[batch.mol_shape])  # rotate body -> lab
         nvec = torch.cat([_to_e3nn(body).flatten(2), _to_e3nn(y1).flatten(2), y2.flatten(2),
                           _to_e3nn(rel)], dim=-1)
-        parts = [cache.pooled_scalars[:, None].expand(B, M, -1), self._k_embedding(k)[:, None].expand(B, M, -1)]
+        parts = [cache.pooled_scalars[batch.mol_shape], self._k_embedding(k)[:, None].expand(B, M, -1)]
         if self.node_feature_dim:
             parts.append(node_features.to(c.dtype))
         parts.append(rel.norm(dim=-1, keepdim=True))

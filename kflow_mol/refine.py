@@ -103,13 +103,14 @@ def refine_cluster(species: np.ndarray, template: np.ndarray, c: np.ndarray, R: 
     """Minimise the pair energy over the rigid poses of one cluster (float64, L-BFGS).
 
     Args:
-        species: ``(n,)``; template: ``(n, 3)`` centred body-frame coordinates.
+        species: ``(n,)``; template: ``(n, 3)`` centred body-frame coordinates, or ``(M, n, 3)`` each copy's own.
         c: ``(M, 3)`` centroids; R: ``(M, 3, 3)`` orientations (the flow's output).
         cfg: :class:`RefineConfig`.
     """
     cfg = cfg or RefineConfig()
     x, d = (torch.from_numpy(a) for a in uff_vdw(np.asarray(species)))
-    t = torch.as_tensor(template, dtype=torch.float64)
+    t = torch.as_tensor(np.asarray(template), dtype=torch.float64)
+    t = t.expand(len(c), -1, -1) if t.ndim == 2 else t  # one template shared by every copy, or one per copy
     c_ref = torch.as_tensor(c, dtype=torch.float64)
     R_ref = torch.as_tensor(R, dtype=torch.float64)
     dc = torch.zeros_like(c_ref, requires_grad=True)
@@ -120,7 +121,7 @@ def refine_cluster(species: np.ndarray, template: np.ndarray, c: np.ndarray, R: 
 
     def energy():
         cc, Rn = poses()
-        return _energy(torch.einsum("mij,nj->mni", Rn, t) + cc[:, None], x, d, cfg.cutoff)
+        return _energy(torch.einsum("mij,mnj->mni", Rn, t) + cc[:, None], x, d, cfg.cutoff)
 
     def total():
         return energy() + cfg.restraint * (dc**2).sum()

@@ -259,16 +259,18 @@ def closest_equivalent_rotation(R1: Tensor, R0: Tensor, symmetries: Tensor,
 
     Args:
         R1: ``(B, M, 3, 3)`` target orientations; R0: ``(B, M, 3, 3)`` current orientations.
-        symmetries: ``(B, G, 3, 3)`` body-frame symmetry rotations (identity first, padded with identity).
-        sym_mask: ``(B, G)`` bool, real symmetries (padding excluded).
+        symmetries: ``(B, G, 3, 3)`` body-frame symmetry rotations (identity first, padded with identity), or
+            ``(B, M, G, 3, 3)`` per copy (copies of different shapes have different groups).
+        sym_mask: ``(B, G)`` or ``(B, M, G)`` bool, real symmetries (padding excluded).
 
     Returns:
         ``(R1_equiv (B, M, 3, 3), index (B, M))`` with ``R1_equiv = R1 S_index``.
     """
-    cand = R1[:, :, None] @ symmetries[:, None].to(R1.dtype)  # (B, M, G, 3, 3)
+    per_copy = symmetries.ndim == 5
+    cand = R1[:, :, None] @ (symmetries if per_copy else symmetries[:, None]).to(R1.dtype)  # (B, M, G, 3, 3)
     tr = (cand * R0[:, :, None]).sum((-1, -2))  # tr(A B^T) = sum(A * B)
     if sym_mask is not None:
-        tr = torch.where(sym_mask[:, None, :], tr, torch.full_like(tr, -torch.inf))
+        tr = torch.where(sym_mask if per_copy else sym_mask[:, None, :], tr, torch.full_like(tr, -torch.inf))
     idx = tr.argmax(-1)
     best = torch.gather(cand, 2, idx[:, :, None, None, None].expand(-1, -1, 1, 3, 3)).squeeze(2)
     return best, idx

@@ -247,19 +247,29 @@ def closest_equivalent(
     Args:
         pos_target: ``(..., n, 3)`` target molecules, e.g. ``(B, M, n, 3)``.
         pos_current: ``(..., n, 3)`` current molecules (same atom labels).
-        perms: ``(G, n)`` long automorphism permutations (identity first).
+        perms: ``(G, n)`` long automorphism permutations shared by every molecule (identity first), or
+            ``(..., G, n)`` per molecule (copies of different shapes; identity-padded to a common ``G``).
 
     Returns:
         ``target_permuted (..., n, 3)`` and ``index (...)`` long, the chosen automorphism per molecule.
     """
     if pos_target.shape != pos_current.shape:
         raise ValueError(f"closest_equivalent: shapes differ {pos_target.shape} vs {pos_current.shape}")
-    perms = perms.to(pos_target.device)
-    G = perms.shape[0]
-    if G == 1:
-        idx = torch.zeros(pos_target.shape[:-2], dtype=torch.long, device=pos_target.device)
-        return pos_target[..., perms[0], :], idx
-    candidates = pos_target[..., perms, :]  # (..., G, n, 3)
+    perms = torch.as_tensor(perms).to(pos_target.device)
+    G = perms.shape[-2]
+    lead = pos_target.shape[:-2]
+    if perms.ndim == 2:
+        if G == 1:
+            idx = torch.zeros(lead, dtype=torch.long, device=pos_target.device)
+            return pos_target[..., perms[0], :], idx
+        candidates = pos_target[..., perms, :]  # (..., G, n, 3)
+    else:
+        if tuple(perms.shape[:-2]) != tuple(lead):
+            raise ValueError(f"closest_equivalent: per-molecule perms {tuple(perms.shape)} do not match "
+                             f"molecules {tuple(lead)}")
+        n = pos_target.shape[-2]
+        src = pos_target.unsqueeze(-3).expand(*lead, G, n, 3)
+        candidates = torch.gather(src, -2, perms[..., None].expand(*lead, G, n, 3))
     R = so3.kabsch(pos_current.unsqueeze(-3).expand_as(candidates), candidates)  # (..., G, 3, 3)
     eye = torch.eye(3, dtype=R.dtype, device=R.device)
     angle = so3.geodesic_distance(R, eye)

@@ -24,8 +24,9 @@ class AssemblyBatch:
         clusters: templates and index maps (:class:`kflow_mol.batch.ClusterBatch`).
         c0, R0: ``(B, M, 3)``, ``(B, M, 3, 3)`` loose state. c1, R1: packed state with the *labelled*
             orientation (the symmetry-equivalent closest to ``R0`` is chosen by the task).
-        symmetries: ``(B, G, 3, 3)`` body-frame symmetry rotations (identity-padded), sym_mask ``(B, G)``.
-        gyration: ``(B, 3, 3)`` ``mean_a t_a t_a^T`` of each template (turns rotation errors into Å²).
+        symmetries: ``(B, M, G, 3, 3)`` body-frame symmetry rotations of every copy's shape (identity-padded),
+            sym_mask ``(B, M, G)``.
+        gyration: ``(B, M, 3, 3)`` ``mean_a t_a t_a^T`` of each copy's body (turns rotation errors into Å²).
         ids: cluster ids.
     """
 
@@ -51,23 +52,45 @@ class AssemblyBatch:
 
 def make_batch(items: list[dict], initial: list[np.ndarray] | None = None, dtype=torch.float32) -> AssemblyBatch:
     """Collate prepared clusters (see :func:`kflow_mol.dataset.prepare`); ``initial`` overrides loose states."""
-    cb = collate([(it["species"], it["template"]) for it in items], dtype=dtype)
+    cb = collate([_shape_item(it) for it in items], dtype=dtype)
     initial = initial if initial is not None else [it["initial"] for it in items]
-    g = max(len(it["symmetries"]) for it in items)
-    sym = torch.eye(3, dtype=torch.float64).repeat(len(items), g, 1, 1)
-    mask = torch.zeros(len(items), g, dtype=torch.bool)
-    c0, R0 = [], []
+    M = cb.num_mols
+    syms = [_copy_symmetries(it, M) for it in items]  # (M, G_b, 3, 3) and real-group mask (M, G_b) each
+    g = max(s.shape[1] for s, _ in syms)
+    sym = torch.eye(3, dtype=torch.float64).repeat(len(items), M, g, 1, 1)
+    mask = torch.zeros(len(items), M, g, dtype=torch.bool)
+    c0, R0, gyr = [], [], []
     for b, (it, ini) in enumerate(zip(items, initial)):
-        sym[b, :len(it["symmetries"])] = torch.from_numpy(it["symmetries"])
-        mask[b, :len(it["symmetries"])] = True
+        sym[b, :, :syms[b][0].shape[1]] = syms[b][0]
+        mask[b, :, :syms[b][1].shape[1]] = syms[b][1]
         ini = torch.from_numpy(np.asarray(ini, dtype=np.float64))
-        t = torch.from_numpy(it["template"])[None].expand(ini.shape[0], -1, -1)
+        body = it["body"] if "body" in it else np.broadcast_to(it["template"], ini.shape)  # each copy's own
+        t = torch.from_numpy(np.ascontiguousarray(body, dtype=np.float64))
         c0.append(ini.mean(1))
         R0.append(so3.kabsch(t, ini))
-    gyr = torch.stack([torch.from_numpy(it["template"].T @ it["template"] / len(it["template"])) for it in items])
+        gyr.append(torch.einsum("mna,mnb->mab", t, t) / t.shape[1])
+    gyr = torch.stack(gyr)
     stack = lambda key: torch.from_numpy(np.stack([it[key] for it in items]))  # noqa: E731
     return AssemblyBatch(cb, torch.stack(c0).to(dtype), torch.stack(R0).to(dtype), stack("c1").to(dtype),
                          stack("R1").to(dtype), sym.to(dtype), mask, gyr.to(dtype), [it["id"] for it in items])
+
+
+def _shape_item(it: dict) -> tuple:
+    """``collate`` input of a prepared cluster: its shapes and each copy's body (one template if older)."""
+    if "templates" in it:
+        return it["species"], it["templates"], it["copy_shape"], it["body"]
+    return it["species"], it["template"]
+
+
+def _copy_symmetries(it: dict, M: int) -> tuple[Tensor, Tensor]:
+    """Body-frame symmetry rotations of every copy's shape ``(M, G, 3, 3)`` and the real-element mask."""
+    if "shape_symmetries" in it:
+        cs = np.asarray(it["copy_shape"])
+        rots = torch.from_numpy(np.asarray(it["shape_symmetries"])[cs])
+        orders = torch.from_numpy(np.asarray(it["shape_orders"])[cs])
+        return rots, torch.arange(rots.shape[1])[None] < orders[:, None]
+    rots = torch.from_numpy(np.asarray(it["symmetries"]))
+    return rots[None].expand(M, -1, -1, -1), torch.ones(M, rots.shape[0], dtype=torch.bool)
 
 
 class Collator:
@@ -131,11 +154,11 @@ class AssemblyTask:
         """Mean squared atom displacement split into centroid and rotation parts, ``(B, M)`` each (Å²).
 
         For a rigid molecule ``mean_a |(R' - R) t_a + c' - c|^2 = |c' - c|^2 + tr((R'-R) G (R'-R)^T)``
-        because the template is centred (``G = mean_a t_a t_a^T``).
+        because each copy's body is centred (``G = mean_a t_a t_a^T``, per copy).
         """
         dc = ((s1_hat[..., :3] - c1) ** 2).sum(-1)
         dR = R1_hat - R1
-        rot = torch.einsum("bmij,bjk,bmik->bm", dR, gyration, dR)
+        rot = torch.einsum("bmij,bmjk,bmik->bm", dR, gyration, dR)
         return dc, rot
 
     def loss(self, model: nn.Module, batch: AssemblyBatch) -> tuple[Tensor, dict]:
