@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cif import ORGANIC_ELEMENTS, CifLimits, cluster_from_cif
+from .cif import MIN_CONTACT_RATIO, MIN_PACKING, ORGANIC_ELEMENTS, CifLimits, cluster_from_cif
 from .data import BuildError, ClusterRecord
 from .io import write_raw_pair
 
@@ -44,6 +44,12 @@ class LooseNoise:
 def file_rng(seed: int, cluster_id: str) -> np.random.Generator:
     """Per-file generator: independent of worker count and processing order."""
     return np.random.default_rng([int(seed), zlib.crc32(cluster_id.encode())])
+
+
+# what the report says of every accepted crystal (ClusterRecord.meta keys of kflow_mol.cif.cluster_from_cif)
+REPORT_FACTS = ("formula", "n_cell_molecules", "fit_rmsd_max", "shell_gap", "racemic", "n_mirror_copies",
+                "n_conformers", "multiple_conformers", "n_cluster_shapes", "packing_coefficient", "cell_volume",
+                "vdw_volume", "min_contact", "min_contact_atoms", "min_vdw_ratio")
 
 
 class _Timeout(Exception):
@@ -89,9 +95,8 @@ def _process(path: str) -> dict:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
         write_raw_pair(out_dir, rec)
-        row.update(status="accepted", n_atoms=rec.n_atoms, n_cell_molecules=rec.meta["n_cell_molecules"],
-                   fit_rmsd_max=rec.meta["fit_rmsd_max"], shell_gap=rec.meta["shell_gap"],
-                   n_mirror_copies=rec.meta["n_mirror_copies"], formula=rec.meta["formula"])
+        row.update(status="accepted", n_atoms=rec.n_atoms,
+                   **{k: rec.meta[k] for k in REPORT_FACTS})
     except BuildError as e:
         if _CTX.get("timed_out"):
             row.update(timed_out)
@@ -306,11 +311,26 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _facts(rows: list[dict]) -> dict:
+    """Counts over the accepted crystals: racemic, several conformers, several shapes in the cluster, and the
+    range of packing coefficients and shortest contacts."""
+    ok = [r for r in rows if r["status"] == "accepted"]
+    pc = [r["packing_coefficient"] for r in ok if r.get("packing_coefficient") is not None]
+    vr = [r["min_vdw_ratio"] for r in ok if r.get("min_vdw_ratio") is not None]
+    return {"racemic": sum(bool(r.get("racemic")) for r in ok),
+            "multiple_conformers": sum(bool(r.get("multiple_conformers")) for r in ok),
+            "clusters_with_several_shapes": sum((r.get("n_cluster_shapes") or 1) > 1 for r in ok),
+            "packing_coefficient_min": min(pc, default=None), "packing_coefficient_max": max(pc, default=None),
+            "min_vdw_ratio_min": min(vr, default=None)}
+
+
 def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None = None, seed: int = 0,
-                  max_atoms: int = 200, progress: bool = True, allow_mirror: bool = False,
+                  max_atoms: int = 200, progress: bool = True, allow_mirror: bool = True,
                   allowed_elements=ORGANIC_ELEMENTS, timeout: float | None = 60.0, pattern: str = "*.cif",
                   noise: Callable | None = None, limits: CifLimits | None = None,
-                  max_memory_gb: float | None = 4.0, isolate: bool = True) -> dict:
+                  max_memory_gb: float | None = 4.0, isolate: bool = True, allow_conformers: bool = True,
+                  min_packing: float | None = MIN_PACKING,
+                  min_contact_ratio: float | None = MIN_CONTACT_RATIO) -> dict:
     """Build COD-Cluster17-style clusters from every CIF in a folder.
 
     Args:
@@ -324,7 +344,13 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
         seed: base seed; each file uses ``default_rng([seed, crc32(id)])``.
         max_atoms: largest accepted molecule.
         progress: show a tqdm bar.
-        allow_mirror: accept racemic crystals (mirror-image copies), see :func:`cluster_from_cif`.
+        allow_mirror: accept racemic crystals (mirror-image copies: a fact in the report, ``racemic``);
+            ``False`` rejects them (reason ``racemic``). See :func:`cluster_from_cif`.
+        allow_conformers: accept Z' > 1 crystals of different conformers (``n_conformers`` in the report);
+            ``False`` rejects them (reason ``multiple_conformers``).
+        min_packing: reject cells with a packing coefficient below this (``loose_packing``; None: never).
+        min_contact_ratio: reject clusters with an intermolecular contact below this fraction of the van der
+            Waals sum (``impossible_contact``; None: never).
         allowed_elements: accepted element symbols.
         timeout: per-file limit in seconds (None = no limit): an alarm inside the worker, and the worker is
             killed 2 s later if compiled code ignored the alarm.
@@ -351,7 +377,8 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
         raise BuildError(cif_dir, "bad_input", f"no files matching '{pattern}'")
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"max_atoms": max_atoms, "allow_mirror": allow_mirror, "allowed_elements": frozenset(allowed_elements),
-          "limits": limits or CifLimits()}
+          "limits": limits or CifLimits(), "allow_conformers": allow_conformers, "min_packing": min_packing,
+          "min_contact_ratio": min_contact_ratio}
     ctx_vars = {"out_dir": str(out_dir), "noise_fn": noise_fn, "seed": seed, "kw": kw, "timeout": timeout,
                 "max_memory_gb": max_memory_gb}
     jobs = [str(f) for f in files]
@@ -401,6 +428,10 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
         "seed": seed,
         "max_atoms": max_atoms,
         "allow_mirror": allow_mirror,
+        "allow_conformers": allow_conformers,
+        "min_packing": min_packing,
+        "min_contact_ratio": min_contact_ratio,
+        "facts": _facts(rows),
         "workers": workers,
         "limits": {**asdict(kw["limits"]), "timeout_s": timeout, "max_memory_gb": max_memory_gb},
         "seconds_total": round(total, 3),

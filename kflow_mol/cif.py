@@ -23,14 +23,25 @@ Pipeline (all deterministic, vectorised over atom pairs):
    *proper* rigid motion: two anchor atoms with the rarest (element, distance-to-centroid) signature give
    candidate rotations, a species-constrained assignment gives the atom correspondence, and Kabsch gives
    the fit. A copy that only fits the template's mirror image is the other enantiomer of a chiral molecule
-   (``racemic``); one that fits neither is a different conformer (``multiple_conformers``; Z' > 1). For an
-   achiral molecule, the mirror image *is* a proper motion with relabelled atoms, which the
-   assignment finds. Accepted copies are idealised to the exact rigid image of the template (the residual
-   before idealisation, below ``rmsd_tol`` = 0.15 A, is kept in ``meta["fit_rmsd_max"]``).
+   (``racemic``: stored as the exact mirror image); one that fits neither is a different conformer of the same
+   molecule (``multiple_conformers``; Z' > 1): its atom order is made the template's by bond-graph matching
+   (the isomorphism with the best rigid fit) and it becomes a further reference shape that later copies are
+   matched to. Both are *facts* in ``meta`` (``racemic``, ``n_conformers``, ``n_mirror_copies``), not
+   rejections, unless ``allow_mirror`` / ``allow_conformers`` is off. A copy whose bond graph differs from the
+   template's is a different molecule (``multiple_components``). For an achiral molecule, the mirror image *is*
+   a proper motion with relabelled atoms, which the assignment finds. Accepted copies are idealised to the
+   exact rigid image of their reference (the residual before idealisation, below ``rmsd_tol`` = 0.15 A, is
+   kept in ``meta["fit_rmsd_max"]``).
 6. Whole molecules are translated by lattice vectors over a range large enough to contain the sphere
    through the 16th neighbour; the 16 nearest centroids to the central one (ties broken by molecule index,
    then lattice translation) complete the cluster. Molecule 0 is the central one; the rest are sorted by
    distance. Positions stay in the crystal's Cartesian frame (Angstrom).
+7. Packing sanity: the packing coefficient ``sum of the cell molecules' van der Waals volumes / cell volume``
+   (Bondi radii, grid-integrated union of spheres; Kitaigorodskii: 0.65-0.80 for organic crystals) and the
+   shortest intermolecular contact of the cluster, absolute and as a fraction of the vdW sum, go in ``meta``.
+   With thresholds (the dataset builder's defaults :data:`MIN_PACKING`, :data:`MIN_CONTACT_RATIO`), a cell far
+   too loose to be a close-packed crystal (``packing_coefficient < min_packing``: ``loose_packing``) or a
+   physically impossible contact (``min_vdw_ratio < min_contact_ratio``: ``impossible_contact``) is rejected.
 """
 from __future__ import annotations
 
@@ -57,6 +68,12 @@ BOND_TOLERANCE = 0.4  # A added to the sum of covalent radii (the CSD convention
 # whose crystal conformation is very slightly chiral (e.g. a pyramidal NH2 on a planar ring: 0.07-0.1 A)
 # and Z' = 2 copies of rigid molecules (0.05 A); real conformer differences are >> 0.2 A.
 RMSD_TOL = 0.15
+# Packing sanity defaults. Organic crystals pack at 0.65-0.80 (Kitaigorodskii); half that is no close-packed
+# crystal (e.g. one anthracene in a 970 A^3 P1 cell: 0.17). Real contacts reach ~0.6 of the vdW sum (short
+# hydrogen bonds); below half of it atoms overlap.
+MIN_PACKING = 0.5
+MIN_CONTACT_RATIO = 0.5
+GRAPH_MATCH_CAP = 5000  # bond-graph isomorphisms tried per conformer (methyl rotors give 3^k of them)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -647,13 +664,120 @@ def match_rigid(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
     return best
 
 
+def _bonds(species: np.ndarray, X: np.ndarray, bond_tolerance: float = BOND_TOLERANCE) -> np.ndarray:
+    """Covalent bond adjacency of one molecule (the criterion that split the cell into molecules)."""
+    r = covalent_radii[species]
+    d = np.linalg.norm(X[:, None] - X[None], axis=-1)
+    return (d < r[:, None] + r[None] + bond_tolerance) & ~np.eye(len(X), dtype=bool)
+
+
+def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np.ndarray,
+                bond_tolerance: float = BOND_TOLERANCE, cap: int = GRAPH_MATCH_CAP):
+    """Atom correspondence between two conformers of the same molecule by bond-graph matching.
+
+    A different conformer is not a rigid image, so the rigid matcher cannot order its atoms. Candidates: the
+    species-constrained nearest assignment after aligning the inertial frames (4 proper and 4 improper
+    sign choices; cheap, right for most conformers) and, if none preserves the bond graph, up to ``cap``
+    graph isomorphisms (networkx VF2). Among those preserving every bond, the one with the smallest rigid-fit
+    RMSD (proper or improper) wins.
+
+    Returns:
+        ``(perm, rmsd)`` with ``Y[perm]`` in the atom order of ``X``, or ``None`` when the bond graphs are not
+        isomorphic (different molecules).
+    """
+    species, species_y = np.asarray(species), np.asarray(species_y)
+    ax, ay = _bonds(species, X, bond_tolerance), _bonds(species_y, Y, bond_tolerance)
+    if ax.sum() != ay.sum():
+        return None
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+
+    def fit(perm):
+        Yp = Yc[perm]
+        return min(kabsch_np(Xc, Yp)[1], kabsch_np(Xc, Yp, proper=False)[1])
+
+    def ok(perm):
+        return len(set(perm.tolist())) == len(perm) and np.array_equal(ay[np.ix_(perm, perm)], ax)
+
+    best = None
+    _, Ux = np.linalg.eigh(Xc.T @ Xc)
+    _, Uy = np.linalg.eigh(Yc.T @ Yc)
+    for signs in np.array(np.meshgrid([1, -1], [1, -1], [1, -1])).T.reshape(-1, 3):
+        perm = _assign(Xc @ Ux * signs, Yc @ Uy, species, species_y)
+        if ok(perm):
+            r = fit(perm)
+            if best is None or r < best[1]:
+                best = (perm, r)
+    if best is not None:
+        return best
+    import networkx as nx
+    from networkx.algorithms import isomorphism
+
+    gx, gy = nx.from_numpy_array(ax.astype(int)), nx.from_numpy_array(ay.astype(int))
+    nx.set_node_attributes(gx, {i: int(z) for i, z in enumerate(species)}, "z")
+    nx.set_node_attributes(gy, {i: int(z) for i, z in enumerate(species_y)}, "z")
+    gm = isomorphism.GraphMatcher(gx, gy, node_match=lambda a, b: a["z"] == b["z"])
+    for k, mapping in enumerate(gm.isomorphisms_iter()):
+        if k >= cap:
+            break
+        perm = np.array([mapping[i] for i in range(len(X))])
+        r = fit(perm)
+        if best is None or r < best[1]:
+            best = (perm, r)
+    return best
+
+
+def vdw_volume(species: np.ndarray, X: np.ndarray, spacing: float = 0.15) -> float:
+    """Van der Waals volume (A^3) of one molecule: the union of Bondi spheres, counted on a grid."""
+    from ase.data import vdw_radii as bondi
+    from ase.data.vdw_alvarez import vdw_radii as alvarez
+
+    z = np.asarray(species, dtype=np.int64)
+    r = np.asarray(bondi, dtype=np.float64)[z]
+    r = np.where(np.isfinite(r), r, np.asarray(alvarez, dtype=np.float64)[z])
+    lo = X.min(0) - r.max() - spacing
+    shape = np.ceil((X.max(0) + r.max() + spacing - lo) / spacing).astype(int) + 1
+    inside = np.zeros(shape, dtype=bool)
+    for x, ri in zip(X, r):  # each atom marks the grid points of its own small box
+        i0 = np.floor((x - ri - lo) / spacing).astype(int)
+        i1 = np.ceil((x + ri - lo) / spacing).astype(int) + 1
+        axes = [lo[d] + spacing * np.arange(i0[d], i1[d]) - x[d] for d in range(3)]
+        d2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+        inside[i0[0]:i1[0], i0[1]:i1[1], i0[2]:i1[2]] |= d2 <= ri * ri
+    return float(inside.sum() * spacing**3)
+
+
+def shortest_contact(species: np.ndarray, final: np.ndarray) -> dict:
+    """Shortest intermolecular contact of a cluster: distance (A), atoms and the fraction of the vdW sum."""
+    from ase.data import chemical_symbols
+    from ase.data import vdw_radii as bondi
+    from ase.data.vdw_alvarez import vdw_radii as alvarez
+    from scipy.spatial.distance import cdist
+
+    z = np.asarray(species, dtype=np.int64)
+    r = np.asarray(bondi, dtype=np.float64)[z]
+    r = np.where(np.isfinite(r), r, np.asarray(alvarez, dtype=np.float64)[z])
+    vsum = r[:, None] + r[None]
+    best_d, best_ratio, pair = np.inf, np.inf, (0, 0)
+    M, n, _ = final.shape
+    for i in range(M - 1):
+        d = cdist(final[i], final[i + 1:].reshape(-1, 3)).reshape(n, M - i - 1, n)
+        k = np.unravel_index(np.argmin(d), d.shape)
+        if d[k] < best_d:
+            best_d, pair = float(d[k]), (int(k[0]), int(k[2]))
+        best_ratio = min(best_ratio, float((d / vsum[:, None, :]).min()))
+    return {"min_contact": round(best_d, 4), "min_contact_atoms":
+            f"{chemical_symbols[z[pair[0]]]}...{chemical_symbols[z[pair[1]]]}", "min_vdw_ratio": round(best_ratio, 4)}
+
+
 # --------------------------------------------------------------------------------------------------------
 # main entry
 # --------------------------------------------------------------------------------------------------------
 def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
                      allowed_elements=ORGANIC_ELEMENTS, rmsd_tol: float = RMSD_TOL,
-                     bond_tolerance: float = BOND_TOLERANCE, allow_mirror: bool = False,
-                     limits: CifLimits | None = None) -> ClusterRecord:
+                     bond_tolerance: float = BOND_TOLERANCE, allow_mirror: bool = True,
+                     limits: CifLimits | None = None, allow_conformers: bool = True,
+                     min_packing: float | None = None,
+                     min_contact_ratio: float | None = None) -> ClusterRecord:
     """Cut a ``n_molecules`` cluster (central molecule + nearest by centroid) out of a molecular crystal.
 
     Args:
@@ -663,11 +787,18 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
         allowed_elements: accepted element symbols (default :data:`ORGANIC_ELEMENTS`).
         rmsd_tol: maximum RMSD (A) between a copy and the rigid image of the template.
         bond_tolerance: A added to the covalent-radius sum to call a bond.
-        allow_mirror: accept copies that are mirror images of the template (racemic crystals of
-            chiral molecules/conformers); they are stored as exact *improper* images in template atom order
-            and counted in ``meta["n_mirror_copies"]``. Off by default: every copy is then a proper rigid
-            motion of molecule 0.
+        allow_mirror: accept copies that are mirror images of a reference copy (racemic crystals of chiral
+            molecules/conformers); they are stored as exact *improper* images in template atom order, counted
+            in ``meta["n_mirror_copies"]`` and ``meta["racemic"]`` is true. ``False`` rejects them
+            (``racemic``), as before per-copy rigid bodies.
         limits: size caps checked before the symmetry expansion (default :class:`CifLimits`).
+        allow_conformers: accept Z' > 1 crystals whose copies are different conformers of the same molecule
+            (atom order made consistent by bond-graph matching; ``meta["n_conformers"]``). ``False`` rejects
+            them (``multiple_conformers``).
+        min_packing: reject a cell whose packing coefficient is below this (``loose_packing``; None: never,
+            the value is still in ``meta``). The dataset builder uses :data:`MIN_PACKING`.
+        min_contact_ratio: reject a cluster with an intermolecular contact shorter than this fraction of the
+            van der Waals sum (``impossible_contact``; None: never). The builder uses :data:`MIN_CONTACT_RATIO`.
 
     Returns:
         :class:`ClusterRecord` with ``final`` of shape ``(n_molecules, n, 3)`` and ``initial=None``.
@@ -675,7 +806,7 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
     Raises:
         BuildError: with ``reason`` one of unparsable, truncated, bad_cell, bad_coordinates, bad_symmetry,
             too_large, disorder, metal, element, no_hydrogen, polymeric, multiple_components, too_many_atoms,
-            flat_molecule, multiple_conformers, racemic, too_few_molecules.
+            flat_molecule, multiple_conformers, racemic, too_few_molecules, loose_packing, impossible_contact.
     """
     path = Path(path)
     structure, msgs, disorder = _parse(path, allowed_elements, limits)
@@ -725,35 +856,53 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
     species = numbers[t_idx]
     X = mols[central] - cents[central]
 
-    # each cell molecule as the exact rigid image of the template, in template atom order
+    # each cell molecule as the exact rigid (or mirror) image of a reference conformer, in template atom order;
+    # the references are the central molecule and each further conformer (Z' > 1) met in the cell
     copies = np.empty((n_comp, n, 3))
     is_mirror = np.zeros(n_comp, dtype=bool)
+    conformer = np.zeros(n_comp, dtype=np.int64)
+    refs = [X]
     fit_max = 0.0
-    for c in range(n_comp):
+    for c in sorted(range(n_comp), key=lambda c: c != central):  # the central molecule first
         if c == central:
             copies[c] = mols[c]
             continue
         Y = mols[c] - cents[c]
         sy = numbers[members[c]]
-        got = match_rigid(X, Y, species, sy, rmsd_tol)
-        if got is None:
-            mirror = match_rigid(X, -Y, species, sy, rmsd_tol)
-            if mirror is not None and allow_mirror:
-                _, R, rmsd = mirror
-                fit_max = max(fit_max, rmsd)
+        placed = False
+        for k, ref in enumerate(refs):
+            got = match_rigid(ref, Y, species, sy, rmsd_tol)
+            if got is not None:
+                _, R, rmsd = got
+                copies[c] = ref @ R.T + cents[c]
+            else:
+                got = match_rigid(ref, -Y, species, sy, rmsd_tol)
+                if got is None:
+                    continue
+                if not allow_mirror:
+                    raise BuildError(path, "racemic",
+                                     f"molecule {c} of the cell is the mirror image of molecule {central} "
+                                     "(chiral molecule, both enantiomers in the cell)")
+                _, R, rmsd = got
                 is_mirror[c] = True
-                copies[c] = -(X @ R.T) + cents[c]  # -Y[perm] ~ X R^T
-                continue
-            if mirror is not None:
-                raise BuildError(path, "racemic",
-                                 f"molecule {c} of the cell is the mirror image of molecule {central} "
-                                 "(chiral molecule, both enantiomers in the cell)")
+                copies[c] = -(ref @ R.T) + cents[c]  # -Y[perm] ~ ref R^T
+            fit_max = max(fit_max, rmsd)
+            conformer[c], placed = k, True
+            break
+        if placed:
+            continue
+        if not allow_conformers:
             raise BuildError(path, "multiple_conformers",
                              f"molecule {c} of the cell is not a rigid image of molecule {central} "
                              f"within {rmsd_tol} A RMSD")
-        _, R, rmsd = got
-        fit_max = max(fit_max, rmsd)
-        copies[c] = X @ R.T + cents[c]
+        got = match_graph(X, Y, species, sy, bond_tolerance)
+        if got is None:
+            raise BuildError(path, "multiple_components",
+                             f"molecule {c} of the cell has the composition of molecule {central} but a different "
+                             "bond graph (isomer or tautomer)")
+        refs.append(Y[got[0]])  # a new conformer, in template atom order, kept exactly as it is
+        conformer[c] = len(refs) - 1
+        copies[c] = refs[-1] + cents[c]
 
     # translate whole molecules by lattice vectors until the sphere through the 16th neighbour is covered
     Z = n_comp
@@ -788,6 +937,18 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
     final[1:] = copies[mol_i[sel]] + (gl[sel] @ lattice)[:, None, :]
     dsel = dflat[order]
     planar = bool(sv[2] < 0.1)
+    cell_mols = [central] + mol_i[sel].tolist()
+    volumes = [vdw_volume(species, ref) for ref in refs]  # a mirror image has its reference's volume
+    packing = float(sum(volumes[k] for k in conformer) / vol)
+    if min_packing is not None and packing < min_packing:
+        raise BuildError(path, "loose_packing", f"packing coefficient {packing:.2f} < {min_packing:g} "
+                         f"({Z} molecule(s) of {np.mean(volumes):.0f} A^3 van der Waals volume in a "
+                         f"{vol:.0f} A^3 cell)")
+    contact = shortest_contact(species, final)
+    if min_contact_ratio is not None and contact["min_vdw_ratio"] < min_contact_ratio:
+        raise BuildError(path, "impossible_contact",
+                         f"intermolecular contact {contact['min_contact_atoms']} of {contact['min_contact']:.2f} A "
+                         f"= {contact['min_vdw_ratio']:.2f} x the van der Waals sum (< {min_contact_ratio:g})")
     a, b, cc = structure.lattice.abc
     al, be, ga = structure.lattice.angles
     meta = {
@@ -798,6 +959,14 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
         "fit_rmsd_max": float(fit_max),
         "planar": planar,
         "n_mirror_copies": int(is_mirror[mol_i[sel]].sum()),
+        "racemic": bool(is_mirror.any()),
+        "n_conformers": len(refs),
+        "multiple_conformers": len(refs) > 1,
+        "n_cluster_shapes": len({(int(conformer[m]), bool(is_mirror[m])) for m in cell_mols}),
+        "packing_coefficient": round(packing, 4),
+        "cell_volume": round(float(vol), 3),
+        "vdw_volume": round(float(np.mean(volumes)), 3),
+        **contact,
         "shell_gap": float(dsel[need] - dsel[need - 1]) if len(dsel) > need else None,
         "neighbour_distances": [round(float(x), 4) for x in dsel[:need]],
         "parser_warnings": msgs[:5],

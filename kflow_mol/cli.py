@@ -444,7 +444,9 @@ def cmd_build(args, extra) -> int:
     summary = build_dataset(args.cif_dir, args.out, workers=args.workers,
                             noise_fn=None if args.no_noise else LooseNoise(noise_cfg), seed=args.seed,
                             max_atoms=args.max_atoms, progress=True, limits=_cif_limits(args),
-                            timeout=args.timeout or None, max_memory_gb=args.max_memory_gb or None)
+                            timeout=args.timeout or None, max_memory_gb=args.max_memory_gb or None,
+                            allow_mirror=not args.reject_racemic, allow_conformers=not args.reject_conformers,
+                            min_packing=args.min_packing or None, min_contact_ratio=args.min_contact_ratio or None)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("ids",)}, indent=1, default=str))
     return 0
 
@@ -577,6 +579,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed of the loose states (per file: seed and file id)")
     p.add_argument("--max-atoms", type=int, default=200, help="largest accepted molecule, in atoms (default: 200)")
     p.add_argument("--no-noise", action="store_true", help="write FinalPositions only")
+    p.add_argument("--reject-racemic", action="store_true",
+                   help="reject crystals holding both enantiomers (default: accept; each enantiomer is its own "
+                        "rigid shape and the report says racemic: true)")
+    p.add_argument("--reject-conformers", action="store_true",
+                   help="reject Z' > 1 crystals of different conformers (default: accept; atom order by bond-graph "
+                        "matching, n_conformers in the report)")
+    p.add_argument("--min-packing", type=float, default=0.5,
+                   help="reject cells whose packing coefficient (vdW volume x Z / cell volume; organic crystals "
+                        "0.65-0.80) is below this (reason loose_packing; 0 = never; default: %(default)g)")
+    p.add_argument("--min-contact-ratio", type=float, default=0.5,
+                   help="reject clusters with an intermolecular contact shorter than this fraction of the van der "
+                        "Waals sum (reason impossible_contact; 0 = never; default: %(default)g)")
     limit_flags(p, "per file: an alarm, then the file's worker process is killed")
 
     p = command("inspect", "describe a cluster and render loose vs packed", cmd_inspect)

@@ -48,10 +48,15 @@ REASONS: dict[str, str] = {
     "multiple_components": "the cell holds different molecules (salt, co-crystal or solvate); only "
     "single-component crystals are accepted",
     "multiple_conformers": "the copies of the molecule are not rigid images of one another "
-    "(Z' > 1 with different conformers); only crystals where every molecule is a symmetry image "
-    "of one molecule are accepted",
+    "(Z' > 1 with different conformers); rejected only with --reject-conformers (by default each conformer "
+    "is its own rigid shape)",
     "racemic": "the cell holds both enantiomers of a chiral molecule (copies related only by "
-    "inversion/mirror), so the copies are not proper rigid motions of one molecule",
+    "inversion/mirror); rejected only with --reject-racemic (by default each enantiomer is its own rigid shape)",
+    "loose_packing": "the packing coefficient (van der Waals volume of the cell's molecules / cell volume) is far "
+    "below that of a close-packed molecular crystal (0.65-0.80); lower --min-packing to accept it",
+    "impossible_contact": "two atoms of different molecules are closer than a physically possible contact "
+    "(a fraction of their van der Waals sum below --min-contact-ratio): wrong or missing atoms, or unflagged "
+    "disorder",
     "too_many_atoms": "the molecule is larger than max_atoms (raise max_atoms to accept it)",
     "flat_molecule": "the molecule is a single atom or linear (rank of centred coordinates < 2), "
     "so it has no orientation",

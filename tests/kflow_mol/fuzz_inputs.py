@@ -256,7 +256,8 @@ def fuzz_cifs(work: Path, seed: int = 0, n: int = 80, **build_kw) -> tuple[dict,
         name = f"f{i:03d}_{mut}_{CIF_BASES[b].stem}"
         (src / f"{name}.cif").write_bytes(data)
         items.append({"id": name, "mutation": mut, "expect": expect})
-    kw = {"workers": 1, "progress": False, "timeout": 20.0, **build_kw}
+    # the toy bases are not close-packed (packing ~0.2, 2001925 lacks its symmetry copies): no packing threshold
+    kw = {"workers": 1, "progress": False, "timeout": 20.0, "min_packing": None, **build_kw}
     try:
         build_dataset(src, work / "out", **kw)
         rows = {json.loads(line)["id"]: json.loads(line)

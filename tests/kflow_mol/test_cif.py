@@ -85,8 +85,8 @@ def test_deterministic():
     ("racemic_p-1.cif", "racemic"),
 ])
 def test_rejections(name, reason):
-    with pytest.raises(BuildError) as ei:
-        cluster_from_cif(DATA / name)
+    with pytest.raises(BuildError) as ei:  # racemic / multiple_conformers are rejected only on request
+        cluster_from_cif(DATA / name, allow_mirror=False, allow_conformers=False)
     e = ei.value
     assert e.reason == reason and reason in REASONS
     assert name in str(e) and f"({reason})" in str(e)  # the message names the file and the reason
@@ -143,7 +143,8 @@ def test_build_dataset_batch(tmp_path):
         return rec.final + rng.normal(size=(17, 1, 3)) * 5.0
 
     out = tmp_path / "out"
-    summary = build_dataset(src, out, workers=1, noise_fn=noise, progress=False)
+    # the toy cells are deliberately not close-packed (packing ~0.2): no packing threshold here
+    summary = build_dataset(src, out, workers=1, noise_fn=noise, progress=False, min_packing=None)
     assert summary["n_files"] == 5 and summary["accepted"] == 2
     assert summary["reasons"] == {"metal": 1, "unparsable": 2}
     rows = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
@@ -156,7 +157,7 @@ def test_build_dataset_batch(tmp_path):
     assert np.array_equal(rec.final, ref.final)
     # the per-file noise seed does not depend on the worker count
     out2 = tmp_path / "out2"
-    build_dataset(src, out2, workers=2, noise_fn=noise, progress=False)
+    build_dataset(src, out2, workers=2, noise_fn=noise, progress=False, min_packing=None)
     for d in ("FinalPositions", "InitialPositions"):
         for f in (out / "raw" / d).iterdir():
             assert f.read_bytes() == (out2 / "raw" / d / f.name).read_bytes()
@@ -180,7 +181,7 @@ def test_real_crystals(shared_dir, rel):
                                         ("pyxtal_examples/ht_quartz.cif", "no_hydrogen")])
 def test_real_rejections(shared_dir, rel, reason):
     with pytest.raises(BuildError) as ei:
-        cluster_from_cif(shared_dir / "data" / "crystals" / rel)
+        cluster_from_cif(shared_dir / "data" / "crystals" / rel, allow_mirror=False, allow_conformers=False)
     assert ei.value.reason == reason
 
 
@@ -289,11 +290,11 @@ def test_build_dataset_caps_memory_and_kills_stuck_workers(tmp_path):
     src.mkdir()
     (src / "good.cif").write_text(METHANOL)
     (src / "huge.cif").write_text(METHANOL.replace("_cell_length_c 10.0000", "_cell_length_c 1000000"))
-    s = build_dataset(src, tmp_path / "o", workers=2, progress=False, max_memory_gb=0.5,
+    s = build_dataset(src, tmp_path / "o", workers=2, progress=False, min_packing=None, max_memory_gb=0.5,
                       limits=CifLimits(max_cell_length=1e7, max_cell_volume=1e12))
     assert s["accepted_ids"] == ["good"] and s["reasons"] == {"memory": 1}
     assert s["limits"]["max_memory_gb"] == 0.5 and s["limits"]["max_cell_volume"] == 1e12
-    with_defaults = build_dataset(src, tmp_path / "o2", workers=1, progress=False)
+    with_defaults = build_dataset(src, tmp_path / "o2", workers=1, progress=False, min_packing=None)
     assert with_defaults["reasons"] == {"too_large": 1} and with_defaults["accepted_ids"] == ["good"]
 
     def stuck(rec, rng):  # blocks the alarm, as compiled code that never returns to Python would
@@ -302,7 +303,7 @@ def test_build_dataset_caps_memory_and_kills_stuck_workers(tmp_path):
 
     (src / "huge.cif").unlink()
     (src / "other.cif").write_text((DATA / "ok_chiral_p21.cif").read_text())
-    s = build_dataset(src, tmp_path / "o3", workers=2, progress=False, timeout=0.5, noise_fn=stuck)
+    s = build_dataset(src, tmp_path / "o3", workers=2, progress=False, min_packing=None, timeout=0.5, noise_fn=stuck)
     rows = [json.loads(line) for line in (tmp_path / "o3" / "report.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["good", "other"]
     assert all(r["reason"] == "timeout" and "killed" in r["message"] for r in rows)
