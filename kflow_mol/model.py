@@ -44,6 +44,7 @@ import roma
 import torch
 import torch.nn.functional as F
 from e3nn import o3
+from e3nn.io import CartesianTensor
 from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
 from torch_geometric.utils import scatter
@@ -236,7 +237,7 @@ class _MolLayer(nn.Module):
     """
 
     def __init__(self, irreps_h: o3.Irreps, irreps_msg: o3.Irreps, irreps_sh: o3.Irreps, irreps_ev: o3.Irreps,
-                 edge_dim: int, n_scalars: int):
+                 edge_dim: int, n_scalars: int, self_tp: bool = False):
         super().__init__()
         self.n_scalars = n_scalars
         self.pre = o3.Linear(irreps_h, irreps_msg)
@@ -245,7 +246,19 @@ class _MolLayer(nn.Module):
         self.ev_gate = _mlp([edge_dim, 64, irreps_ev.num_irreps])
         self.register_buffer("channel", _channel_index(irreps_ev), persistent=False)
         self.gate = _gate(irreps_h)
-        self.lin = o3.Linear(self.tp.irreps_out + irreps_ev + irreps_h, self.gate.irreps_in)
+        irreps_agg = self.tp.irreps_out + irreps_ev
+        lin_in = irreps_agg + irreps_h
+        self.self_tp = None
+        if self_tp:
+            # Node x environment product: messages only ever multiply a *neighbour's* features with an edge
+            # direction, so without it a molecule's own orientation meets the lattice around it only by a
+            # round trip through its neighbours (two layers deep). A turn towards a target set by the
+            # packing is exactly such a product (own frame x environment frame).
+            self.self_x = o3.Linear(irreps_h, irreps_msg)
+            self.self_env = o3.Linear(irreps_agg, irreps_msg)
+            self.self_tp = o3.FullyConnectedTensorProduct(irreps_msg, irreps_msg, irreps_msg)
+            lin_in = lin_in + irreps_msg
+        self.lin = o3.Linear(lin_in, self.gate.irreps_in)
 
     def forward(self, h, sh, z, ev, offdiag):
         """h ``(B, M, D)``; sh ``(B, M, M, 9)``; z ``(B, M, M, E)``; ev ``(B, M, M, D_ev)``;
@@ -260,7 +273,10 @@ class _MolLayer(nn.Module):
         emsg = ev * (self.ev_gate(z) * offdiag)[..., self.channel]
         # Sum over the M - 1 other molecules; 1/4 ~ 1/sqrt(16) keeps the scale of the sum.
         agg = torch.cat([msg.reshape(B, M, M, -1).sum(2), emsg.sum(2)], dim=-1) * 0.25
-        return h + self.gate(self.lin(torch.cat([agg, h], dim=-1)))
+        parts = [agg, h]
+        if self.self_tp is not None:
+            parts.append(self.self_tp(self.self_x(h), self.self_env(agg)))
+        return h + self.gate(self.lin(torch.cat(parts, dim=-1)))
 
 
 class AssemblyNet(nn.Module):
@@ -282,9 +298,13 @@ class AssemblyNet(nn.Module):
         softmin_tau: temperature of the soft-min contact distance (Å).
         pos_scale: length unit of centroid vectors and of the ``dc`` output (Å).
         length_unit: length unit of lever arms and contact vectors (Å).
-        rot_output: ``rotvec`` (the head's ``1e`` vector is the rotation vector) or ``quat`` (a ``0e`` scalar
-            ``w`` and the ``1e`` vector ``v`` form the quaternion ``(1 + w, v)``, normalised): a 180° turn is
-            ``w = -1`` rather than a vector of length exactly pi, and the map is smooth everywhere.
+        rot_output: ``rotvec`` (the head's ``1e`` vector is the rotation vector), ``quat`` (a ``0e`` scalar
+            ``w`` and the ``1e`` vector ``v`` form the quaternion ``(1 + w, v)``, normalised: a 180° turn is
+            ``w = -1`` rather than a vector of length exactly pi) or ``matrix`` (``0e + 1e + 2e`` give a 3x3
+            lab-frame matrix ``I + A``, projected onto SO(3) by special Procrustes: the relative turn is a
+            *linear* function of the features, any angle equally easy; needs ``hidden_l2 > 0``).
+        self_interaction: add a node x environment tensor product to every molecule-level layer (see
+            :class:`_MolLayer`).
     """
 
     def __init__(
@@ -308,10 +328,13 @@ class AssemblyNet(nn.Module):
         pos_scale: float = 10.0,
         length_unit: float = 5.0,
         rot_output: str = "rotvec",
+        self_interaction: bool = False,
     ):
         super().__init__()
-        if rot_output not in ("rotvec", "quat"):
-            raise ValueError(f"rot_output must be 'rotvec' or 'quat', got '{rot_output}'")
+        if rot_output not in ("rotvec", "quat", "matrix"):
+            raise ValueError(f"rot_output must be 'rotvec', 'quat' or 'matrix', got '{rot_output}'")
+        if rot_output == "matrix" and hidden_l2 <= 0:
+            raise ValueError("rot_output='matrix' needs hidden_l2 > 0 (the symmetric part of the turn is 2e)")
         self.rot_output = rot_output
         self.node_feature_dim = node_feature_dim
         self.rc, self.tau, self.K = contact_cutoff, softmin_tau, contact_rbf
@@ -352,10 +375,14 @@ class AssemblyNet(nn.Module):
                                    (min(msg_vectors, hidden_l2), "2e")] if m > 0]
         )
         self.layers = nn.ModuleList(
-            [_MolLayer(self.irreps_h, self.irreps_msg, self.irreps_sh, self.irreps_evh, 64, hidden_scalars)
-             for _ in range(mol_layers)]
+            [_MolLayer(self.irreps_h, self.irreps_msg, self.irreps_sh, self.irreps_evh, 64, hidden_scalars,
+                       self_interaction) for _ in range(mol_layers)]
         )
-        self.head = o3.Linear(self.irreps_h, o3.Irreps("1x1o+1x1e" + ("+1x0e" if rot_output == "quat" else "")))
+        head = {"rotvec": "1x1o+1x1e", "quat": "1x1o+1x1e+1x0e", "matrix": "1x1o+1x0e+1x1e+1x2e"}[rot_output]
+        self.head = o3.Linear(self.irreps_h, o3.Irreps(head))
+        if rot_output == "matrix":
+            # (9, 3, 3) change of basis 0e+1e+2e -> Cartesian 3x3; a buffer outside the state dict
+            self.register_buffer("cart", CartesianTensor("ij").to_cartesian(torch.eye(9)), persistent=False)
 
     # ------------------------------------------------------------------ stages
     def encode_templates(self, batch: ClusterBatch) -> TemplateCache:
@@ -531,7 +558,11 @@ class AssemblyNet(nn.Module):
         out = self.head(h)  # (B, M, 6): 1o then 1e, e3nn order
         dc = out[..., 0:3][..., _FROM_E3NN] * self.pos_scale
         omega = out[..., 3:6][..., _FROM_E3NN]
-        if self.rot_output == "quat":  # roma's quaternions are (x, y, z, w)
+        if self.rot_output == "matrix":
+            A = torch.einsum("...i,ijk->...jk", out[..., 3:12], self.cart.to(out.dtype))
+            turn = roma.special_procrustes(torch.eye(3, dtype=A.dtype, device=A.device) + A)
+            omega = roma.rotmat_to_rotvec(turn)
+        elif self.rot_output == "quat":  # roma's quaternions are (x, y, z, w)
             q = torch.cat([omega, 1.0 + out[..., 6:7]], dim=-1)
             omega = roma.unitquat_to_rotvec(q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         return torch.cat([dc, omega], dim=-1)

@@ -92,10 +92,11 @@ def test_collate_rejects_bad_input():
         collate([])
 
 
-@pytest.mark.parametrize("rot_output", ["rotvec", "quat"])
-def test_rotation_translation_equivariance(setup, rot_output):
+@pytest.mark.parametrize("rot_output,self_interaction",
+                         [("rotvec", False), ("quat", False), ("matrix", False), ("matrix", True)])
+def test_rotation_translation_equivariance(setup, rot_output, self_interaction):
     _, batch, x, k, nf = setup
-    model = _model(rot_output=rot_output)
+    model = _model(rot_output=rot_output, self_interaction=self_interaction)
     out = model(x, k, batch=batch, node_features=nf)
     assert out.shape == (2, M, 6) and torch.isfinite(out).all()
     Q = roma.unitquat_to_rotmat(roma.random_unitquat(dtype=torch.float64))
