@@ -34,19 +34,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset, default_collate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kflow.schedule import BandSchedule
-from kflow.train import TrainConfig, Trainer
-from kflow.utils import atomic_write_text
-from kflow_image.codecs import make_codec
-from kflow_image.data import TarImageDataset, default_cache_dir, encode_latents
+from kflow.solver import SolverConfig
+from kflow.train import TrainConfig
+from kflow.utils import atomic_write_text, shared_dir
 from kflow_image.dit import DiT
-from kflow_image.metrics import (InceptionFeatures, class_drop_ratio, fid_exact, fid_from_features, kid,
-                                 precision_recall)
+from kflow_image.metrics import InceptionFeatures, class_drop_ratio, fid_exact
+from kflow_image.pipeline import (
+    TINY_IMAGENET_TAR,
+    ImageRun,
+    fit,
+    generate,
+    load_image_data,
+    make_codec,
+    metric_block,
+    standardized_latents,
+)
 from kflow_image.sampling import save_grid
 from kflow_image.task import make_task
 
@@ -57,18 +64,6 @@ METHODS = {
     "wavelet": dict(transform="wavelet", wave="haar"),
     "pca": dict(transform="pca"),
 }
-
-
-def find_tar(shared: str | None) -> Path | None:
-    cands = [Path(shared)] if shared else []
-    if os.environ.get("KFLOW_SHARED"):
-        cands.append(Path(os.environ["KFLOW_SHARED"]))
-    cands.append(REPO.parent / "shared")
-    for c in cands:
-        p = c / "data" / "images" / "tiny-imagenet-64-10class.tar"
-        if p.is_file():
-            return p
-    return None
 
 
 def balanced_indices(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
@@ -82,36 +77,13 @@ def balanced_indices(labels: torch.Tensor, per_class: int, seed: int) -> torch.T
     return torch.cat(out)
 
 
-@torch.no_grad()
-def generate(task, model, codec, labels, seed, steps, batch, class_drop_at=None, cfg_scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
-    lat, img = [], []
-    for i in range(0, len(labels), batch):
-        y = labels[i:i + batch]
-        x_0 = torch.randn((len(y), *shape), generator=g)
-        z = task.sample(model, y=y, x_0=x_0, steps=steps, cfg_scale=cfg_scale, class_drop_at=class_drop_at).x_1
-        lat.append(z)
-        img.append(codec.decode(z))
-    return torch.cat(img), torch.cat(lat)
-
-
 def class_fid(f_real, y_real, f_gen, y_gen) -> dict[int, float]:
     """Per-class FID (paper eq. 18) with :func:`fid_exact`."""
     return {int(c): fid_exact(f_real[y_real == c], f_gen[y_gen == c]) for c in np.unique(y_real)}
 
 
-def _try_fid(a, b):
-    try:
-        return fid_from_features(a, b)
-    except ValueError:  # sqrtm failed (rank-deficient at small n)
-        return None
-
-
 def metrics_block(f_real, f):
-    p, r = precision_recall(f_real, f, k=3)
-    km, ks = kid(f_real, f, subset_size=min(100, len(f)))
-    return {"fid": fid_exact(f_real, f), "fid_scipy": _try_fid(f_real, f), "kid": km, "kid_std": ks, "precision": p, "recall": r}
+    return metric_block(f_real, f, knn=3, kid_subset=min(100, len(f)), exact=True)
 
 
 def fmt_table(res: dict) -> str:
@@ -186,23 +158,22 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.n_eval % 10:
         raise SystemExit("--n-eval must be a multiple of 10 (balanced classes)")
-    tar = find_tar(args.shared)
-    if tar is None:
+    shared = shared_dir(args.shared, require=TINY_IMAGENET_TAR)
+    if shared is None:
         print("image_latent: Tiny-ImageNet tar not found (pass --shared or set KFLOW_SHARED); skipping")
         return 0
     t_all = time.perf_counter()
     dev = torch.device(args.device)
 
     # ---- data -> TAEF2 latents (cached)
-    codec = make_codec("taef2").to(dev)
-    train_set = TarImageDataset(tar, "train", resolution=64, channels=3)
-    val_set = TarImageDataset(tar, "val", resolution=64, channels=3)
-    cache = default_cache_dir() / "latents"
+    dcfg = {"name": "tiny-imagenet", "tar": str(shared / TINY_IMAGENET_TAR), "resolution": 64, "channels": 3,
+            "codec": "taef2"}
+    codec = make_codec(dcfg).to(dev)
     t0 = time.perf_counter()
-    raw_tr, y_tr = encode_latents(train_set, codec, cache, progress=sys.stderr.isatty())
+    data = load_image_data(dcfg, codec, progress=sys.stderr.isatty(), heldout=False)
+    train_set, val_set, (raw_tr, y_tr) = data.train_set, data.heldout_set, data.train
     encode_s = time.perf_counter() - t0
-    codec.fit_stats(raw_tr)
-    z_tr = codec.standardize(raw_tr).float()
+    z_tr = standardized_latents(codec, raw_tr)
     shape = tuple(z_tr.shape[1:])
     ncls = int(y_tr.max()) + 1
     print(f"train latents {tuple(z_tr.shape)}, {ncls} classes (encode/cache {encode_s:.0f} s)", flush=True)
@@ -237,19 +208,15 @@ def main(argv=None) -> int:
         cfg = TrainConfig(steps=args.train_steps, batch_size=args.batch, lr=args.lr, warmup_steps=min(100, args.train_steps // 10),
                           min_lr_ratio=0.05, ema_decay=0.999, seed=args.seed, device=str(dev), progress=False,
                           run_dir=str(run_root / name), ckpt_every=0, log_every=50)
-        task.to(dev)
-        trainer = Trainer(model, task.loss, TensorDataset(z_tr, y_tr), default_collate, cfg,
-                          run_config={"method": name, **vars(args)})
-        t0 = time.perf_counter()
-        out = trainer.fit()
-        train_s = time.perf_counter() - t0
-        ema = trainer.ema_model.eval()
+        res = fit(model, task, z_tr, y_tr, cfg, run_config={"method": name, **vars(args)})
+        out, train_s = res.out, res.train_s
+        run = ImageRun(codec, task, res.trainer.ema_model.eval(), shape, ncls, dev,
+                       solver=SolverConfig(steps=args.sample_steps))
         labels = real_val_y.to(dev)
         t0 = time.perf_counter()
-        imgs, _ = generate(task, ema, codec, labels, args.seed + 7, args.sample_steps, 100)
+        imgs = generate(run, labels, len(labels), args.seed + 7, batch_size=100)
         gen_s = time.perf_counter() - t0
-        drop, _ = generate(task, ema, codec, labels, args.seed + 7, args.sample_steps, 100,
-                           class_drop_at=args.class_drop_at)
+        drop = generate(run, labels, len(labels), args.seed + 7, batch_size=100, class_drop_at=args.class_drop_at)
         f_gen, f_drop = inc.features(imgs, batch_size=50), inc.features(drop, batch_size=50)
         yv = real_val_y.numpy()
         fid_full, fid_drop = class_fid(f_val, yv, f_gen, yv), class_fid(f_val, yv, f_drop, yv)
@@ -260,7 +227,8 @@ def main(argv=None) -> int:
             "train_s": train_s, "train_samples_per_s": args.train_steps * args.batch / train_s,
             "sample_s": gen_s, "images_per_s": len(labels) / gen_s,
         }
-        show = torch.cat([imgs[labels == c][:2] for c in range(ncls)] + [drop[labels == c][:2] for c in range(ncls)])
+        show = torch.cat([imgs[real_val_y == c][:2] for c in range(ncls)] +
+                         [drop[real_val_y == c][:2] for c in range(ncls)])
         grids.append(save_grid(show, run_root / f"{name}_samples.png", nrow=2 * ncls))
         r = results["methods"][name]
         print(f"{name}: FID {r['generated']['fid']:.2f} KID {r['generated']['kid']:.4f} CDR {r['cdr']:.3f} "

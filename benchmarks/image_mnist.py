@@ -1,7 +1,7 @@
 """MNIST benchmark of the image K-Flow models, scored by the in-repo MNIST classifier.
 
     python benchmarks/image_mnist.py classifier              # (re)make kflow_image/weights/mnist_classifier.pt
-    python benchmarks/image_mnist.py score RUN [RUN ...] [--steps 50] [--x0-mode estimate|fixed]
+    python benchmarks/image_mnist.py score RUN [RUN ...] [--steps 50] [--source estimate|fixed]
                                             [--cfg-scale S] [--cfg-interval LO HI] [--no-ema] [--n-per-class 100]
                                             [--json FILE] [--grid PNG]
     python benchmarks/image_mnist.py diagnose RUN [RUN ...]   # predictions on the true path, by k
@@ -42,8 +42,13 @@ def mnist_split():
 
 
 def cmd_classifier(args) -> dict:
-    from kflow_image.metrics import (MNIST_CLASSIFIER_FILE, conditional_accuracy, load_mnist_classifier,
-                                     save_mnist_classifier, train_mnist_classifier)
+    from kflow_image.metrics import (
+        MNIST_CLASSIFIER_FILE,
+        conditional_accuracy,
+        load_mnist_classifier,
+        save_mnist_classifier,
+        train_mnist_classifier,
+    )
 
     (xt, yt), (xh, yh) = mnist_split()
     t0 = time.perf_counter()
@@ -69,47 +74,45 @@ def cmd_classifier(args) -> dict:
 
 @torch.no_grad()
 def score_run(run_dir: str, clf, real_held, n_per_class: int = 100, steps: int | None = None,
-              x0_mode: str | None = None, cfg_scale: float | None = None, ema: bool = True, seed: int = 1,
-              method: str | None = None, save_grid_to: str | None = None, grid_kind: str | None = None,
+              source: str | None = None, cfg_scale: float | None = None, ema: bool = True, seed: int = 1,
+              method: str | None = None, save_grid_to: str | None = None, grid: str | None = None,
               cfg_interval: list[float] | None = None) -> dict:
-    """Sample ``n_per_class`` digits per class from a run and score them (see the module doc)."""
+    """Sample ``n_per_class`` digits per class from a run and score them (see the module doc); ``steps``,
+    ``source``, ``method`` and ``grid`` override the run's solver, ``cfg_scale`` and ``cfg_interval`` (``[]``:
+    everywhere) its guidance."""
+    import dataclasses
+
     from kflow.train import load_model_weights
-    from kflow_image.cli import generate, load_run
     from kflow_image.metrics import mnist_scores
+    from kflow_image.pipeline import generate, load_run
     from kflow_image.sampling import save_labelled_grid
 
     run = load_run(run_dir, "cpu")
     if not ema:
-        load_model_weights(run["model"], run["path"], use_ema=False)
-        run["model"].eval()
-    if x0_mode:
-        run["cfg"]["sample"]["x0_mode"] = x0_mode
-    if method:
-        run["cfg"]["solver"]["method"] = method
-    if grid_kind:
-        run["cfg"]["solver"]["grid"] = grid_kind
+        load_model_weights(run.model, run.path, use_ema=False)
+        run.model.eval()
+    solver = run.solver.replace(steps=steps, source=source, method=method, grid=grid)
     if cfg_scale is None:
-        cfg_scale = float(run["cfg"]["sample"].get("cfg_scale", 1.0))
+        cfg_scale = run.sampling.cfg_scale
     if cfg_interval is not None:
-        run["cfg"]["sample"]["cfg_interval"] = list(cfg_interval) if cfg_interval else None
-    ncls = run["num_classes"]
+        run.sampling = dataclasses.replace(run.sampling, cfg_interval=tuple(cfg_interval) if cfg_interval else None)
+    ncls = run.num_classes
     y = torch.arange(ncls).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
-    imgs = generate(run, y, len(y), seed, batch_size=250, cfg_scale=cfg_scale, steps=steps)
+    imgs = generate(run, y, len(y), seed, batch_size=250, cfg_scale=cfg_scale, solver=solver)
     gen_s = time.perf_counter() - t0
     sc = mnist_scores(clf, imgs, y, real_held)
     if save_grid_to:
         per = min(8, n_per_class)
         sel = torch.cat([torch.arange(c * n_per_class, c * n_per_class + per) for c in range(ncls)])
         save_labelled_grid(imgs[sel], y[sel], save_grid_to, per_row=per)
-    cfg = run["cfg"]
-    return {"run": str(run_dir), "step": run["step"], "transform": cfg["transform"]["_target_"].rsplit(".", 1)[-1],
-            "window": cfg["schedule"].get("window"), "patch": run["model"].config.patch_size,
-            "hidden": run["model"].config.hidden_size, "depth": run["model"].config.depth,
-            "params_M": round(sum(p.numel() for p in run["model"].parameters()) / 1e6, 3),
-            "sampler": {"steps": steps or cfg["solver"]["steps"], "x0_mode": cfg["sample"]["x0_mode"],
-                        "method": cfg["solver"]["method"], "grid": cfg["solver"]["grid"], "cfg_scale": cfg_scale,
-                        "cfg_interval": cfg["sample"].get("cfg_interval"), "ema": ema, "seed": seed},
+    cfg, mc = run.cfg, run.model.config
+    return {"run": str(run_dir), "step": run.step, "transform": cfg["transform"]["_target_"].rsplit(".", 1)[-1],
+            "window": cfg["schedule"].get("window"), "patch": mc.patch_size, "hidden": mc.hidden_size,
+            "depth": mc.depth, "params_M": round(sum(p.numel() for p in run.model.parameters()) / 1e6, 3),
+            "sampler": {"steps": solver.steps, "source": solver.source, "method": solver.method,
+                        "grid": solver.grid, "cfg_scale": cfg_scale, "cfg_interval": run.sampling.cfg_interval,
+                        "ema": ema, "seed": seed},
             "n": len(y), "sample_s": round(gen_s, 1), **sc}
 
 
@@ -133,7 +136,7 @@ def cmd_score(args) -> list[dict]:
     out = []
     for rd in args.runs:
         for s in args.steps:
-            r = score_run(rd, clf, xh, args.n_per_class, s, args.x0_mode, args.cfg_scale, not args.no_ema,
+            r = score_run(rd, clf, xh, args.n_per_class, s, args.source, args.cfg_scale, not args.no_ema,
                           args.seed, args.method, args.grid, args.grid_kind, args.cfg_interval)
             r["real_floor"] = floor
             out.append(r)
@@ -160,8 +163,8 @@ def cmd_diagnose(args) -> None:
     For each k: the classifier's accuracy on the decoded prediction x1_hat(x_k, k, y) and on x_k itself, and the
     endpoint MSE; ``--grid`` writes rows x_k / x1_hat for 8 digits at every k.
     """
-    from kflow_image.cli import load_run
     from kflow_image.metrics import load_mnist_classifier
+    from kflow_image.pipeline import load_run
     from kflow_image.sampling import save_grid
 
     clf = load_mnist_classifier(args.classifier)
@@ -169,7 +172,7 @@ def cmd_diagnose(args) -> None:
     x, y = xh[:args.n], yh[:args.n]
     for rd in args.runs:
         run = load_run(rd, "cpu")
-        task, model, codec = run["task"], run["model"], run["codec"]
+        task, model, codec = run.task, run.model, run.codec
         x1 = codec.encode(x)
         x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(0))
         rows = []
@@ -194,7 +197,8 @@ def cmd_table(args) -> None:
     for r in rows:
         s, a, f = r["sampler"], r["cond_acc"], r["fd"]
         iv = s.get("cfg_interval")
-        samp = (f"{s['method']}, {s['steps']} {s.get('grid', 'uniform')} steps, x0 {s['x0_mode']}, "
+        source = s.get("source", s.get("x0_mode"))  # results written before solver.source: x0_mode
+        samp = (f"{s['method']}, {s['steps']} {s.get('grid', 'uniform')} steps, x0 {source}, "
                 f"cfg {s['cfg_scale']}" + (f" on k in [{iv[0]}, {iv[1]})" if iv else "")) + ("" if s["ema"] else ", no EMA")
         print(f"| {Path(r['run']).name} | {r['transform'].replace('Transform', '').lower()}, {r['window']} | {samp} | "
               f"{r['n']} | {100 * a['acc']:.1f} [{100 * a['lo']:.1f}, {100 * a['hi']:.1f}] | "
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
     s.add_argument("runs", nargs="+")
     s.add_argument("--n-per-class", type=int, default=100)
     s.add_argument("--steps", type=int, nargs="+", default=[None])
-    s.add_argument("--x0-mode", choices=["estimate", "fixed"])
+    s.add_argument("--source", "--x0-mode", dest="source", choices=["estimate", "fixed"],
+                   help="solver source (default: the run's solver.source)")
     s.add_argument("--method", choices=["exact", "euler", "heun"])
     s.add_argument("--grid-kind", choices=["uniform", "band"], help="k-grid of the sampler (default: the run's)")
     s.add_argument("--cfg-scale", type=float, help="guidance scale (default: the run's sample.cfg_scale)")

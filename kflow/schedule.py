@@ -90,7 +90,8 @@ class BandSchedule(nn.Module):
         return self.warp(kappa) if self.warp is not None else kappa
 
     def forward(self, k: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mu, dmu/dk)`` for ``k`` broadcastable against ``kappa`` (see ``KTransform.expand_k``)."""
+        """``(mu, dmu/dk)`` for ``k`` broadcastable against ``kappa`` (``(B, 1, ...)``, as
+        :meth:`kflow.path.KPath.weights` shapes it)."""
         kappa = self.effective_kappa(kappa)
         w = self.window
         u_raw = (k - (1 - w) * kappa) / w

@@ -1,8 +1,14 @@
-"""Fixed-grid integration along k: exact increments (endpoint prediction), Euler and Heun."""
+"""Fixed-grid integration along k: exact increments (endpoint prediction), Euler and Heun.
+
+:class:`SolverConfig` is the ``solver`` config group (``configs/solver/*.yaml``) as one typed object; the
+tasks' ``sample(model, batch, solver)`` take it whole (see ``docs/CONTRACTS.md``).
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,6 +18,69 @@ from .path import KPath
 Hook = Callable[[int, Tensor, Tensor], Tensor | None]
 
 METHODS = ("exact", "euler", "heun")
+GRIDS = ("uniform", "band")
+SOURCES = ("estimate", "fixed")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How to integrate along ``k``: one object for the ``solver`` config group, passed whole.
+
+    Attributes:
+        method: ``exact`` (exact increments of an endpoint prediction), ``euler`` or ``heun``.
+        steps: integration steps (grid intervals); the model is called ``steps`` times, ``2 * steps`` for Heun
+            (:attr:`evaluations`).
+        grid: ``uniform`` in ``k``, or ``band``: more steps where the coarse bands are revealed
+            (:func:`kflow.schedule.make_grid`).
+        source: which ``x_0`` turns endpoint predictions into steps (see :func:`solve`): ``estimate``
+            (re-estimated from ``x_k`` and ``x1_hat``; generation from noise) or ``fixed`` (the given ``x_0``;
+            right when ``x_0`` is part of the condition). The rigid molecule sampler has its own source rule
+            (centroids fixed, rotations ``path.rot_source``) and ignores it.
+    """
+
+    method: str = "exact"
+    steps: int = 50
+    grid: str = "uniform"
+    source: str = "estimate"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown solver method {self.method!r}; choose one of {METHODS}")
+        if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"solver steps must be a positive integer, got {self.steps!r}")
+        object.__setattr__(self, "steps", int(self.steps))
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown solver grid {self.grid!r}; choose one of {GRIDS}")
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown solver source {self.source!r}; choose one of {SOURCES}")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None, **overrides: Any) -> SolverConfig:
+        """From a ``solver`` config block (a dict or an OmegaConf node); ``overrides`` that are not ``None``
+        replace its values (CLI flags such as ``--steps``).
+
+        Raises:
+            ValueError: an unknown key or an invalid value.
+        """
+        d = dict(cfg or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown solver keys {unknown}; a solver config has {sorted(names)}")
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> SolverConfig:
+        """A copy with the given fields changed; ``None`` values keep the current one."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def evaluations(self) -> int:
+        """Model calls of one solve: ``steps``, twice that for Heun."""
+        return self.steps * (2 if self.method == "heun" else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass

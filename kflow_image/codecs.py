@@ -271,11 +271,6 @@ def _fill_net_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> N
 CODECS: dict[str, Callable[..., Codec]] = {"identity": IdentityCodec, "taef2": TAEF2Codec}
 
 
-def register_codec(name: str, factory: Callable[..., Codec]) -> None:
-    """Add a codec to the registry used by :func:`make_codec`."""
-    CODECS[name] = factory
-
-
 def make_codec(name: str, **kwargs) -> Codec:
     """Build a codec by name (``identity``, ``taef2``); ``kwargs`` go to its constructor."""
     try:

@@ -16,7 +16,7 @@ The model follows the toolkit-wide signature ``model(x_k, k, **cond)`` with ``co
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -339,10 +339,3 @@ def build_dit(preset: str | None = None, **kwargs) -> DiT:
     params.update({k: v for k, v in kwargs.items() if v is not None})
     return DiT(**params)
 
-
-def dit_config_dict(model: DiT) -> dict:
-    """The constructor arguments of ``model`` as a plain dict (for checkpoints)."""
-    d = asdict(model.config)
-    if isinstance(d["input_size"], tuple):
-        d["input_size"] = list(d["input_size"])
-    return d

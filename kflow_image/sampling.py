@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from kflow.solver import SolverConfig
 from kflow.transforms import KTransform
 from kflow_image.metrics import class_drop_ratio, psnr
 from kflow_image.task import ImageFlowTask, band_mask, class_drop_labels
@@ -259,8 +260,9 @@ def restoration_hook(task: ImageFlowTask, x_0: Tensor, observation: Tensor, kapp
 
 @torch.no_grad()
 def restore(task: ImageFlowTask, model: nn.Module, codec: nn.Module, degraded: Tensor,
-            y: Tensor | None = None, kappa_max: float = 0.25, steps: int = 50, cfg_scale: float = 1.0,
-            generator: torch.Generator | None = None, method: str = "exact") -> tuple[Tensor, Tensor]:
+            y: Tensor | None = None, kappa_max: float = 0.25, steps: int | None = None, cfg_scale: float = 1.0,
+            generator: torch.Generator | None = None, method: str | None = None,
+            solver: SolverConfig | None = None) -> tuple[Tensor, Tensor]:
     """Training-free restoration: sample with the coarse bands fixed from the degraded observation.
 
     Args:
@@ -271,10 +273,11 @@ def restore(task: ImageFlowTask, model: nn.Module, codec: nn.Module, degraded: T
         degraded: ``(B, C, H, W)`` degraded images in [0, 1] at full resolution (see :func:`degrade`).
         y: optional ``(B,)`` labels.
         kappa_max: highest scale taken from the observation (its coarse bands).
-        steps: sampler steps.
+        steps: overrides ``solver.steps``.
         cfg_scale: guidance scale.
         generator: RNG of the source noise.
-        method: solver method.
+        method: overrides ``solver.method``.
+        solver: the sampler (default :class:`kflow.solver.SolverConfig()`).
 
     Returns:
         ``(restored images (B, C, H, W) in [0, 1], restored latents)``.
@@ -283,7 +286,8 @@ def restore(task: ImageFlowTask, model: nn.Module, codec: nn.Module, degraded: T
     obs = codec.encode(degraded.to(dev))
     x_0 = torch.randn(obs.shape, generator=generator).to(dev)
     hook = restoration_hook(task, x_0, obs, kappa_max)
-    sol = task.sample(model, y=y, x_0=x_0, steps=steps, cfg_scale=cfg_scale, hook=hook, method=method)
+    solver = (solver or SolverConfig()).replace(steps=steps, method=method)
+    sol = task.sample(model, y, solver, x_0=x_0, cfg_scale=cfg_scale, hook=hook)
     return codec.decode(sol.x_1), sol.x_1
 
 

@@ -17,20 +17,18 @@ exact-increment rule using a *re-estimated* source (``x0_mode="estimate"``, the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from kflow.path import KPath
 from kflow.schedule import BandSchedule, KappaWarp, make_grid
-from kflow.solver import Solution, solve
+from kflow.solver import Solution, SolverConfig, solve
 from kflow.transforms import FourierTransform, IdentityTransform, KTransform, PCATransform, WaveletTransform
 
 __all__ = [
     "TRANSFORMS",
     "ImageFlowTask",
-    "TaskConfig",
     "band_mask",
     "build_transform",
     "class_drop_labels",
@@ -139,19 +137,6 @@ def unpack_batch(batch) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise TypeError(f"cannot read a batch of type {type(batch).__name__}: expected (latents, labels)")
-
-
-@dataclass
-class TaskConfig:
-    """Options of :class:`ImageFlowTask` (mirrors the ``task`` block of the image config)."""
-
-    num_classes: int = 10
-    label_dropout: float = 0.1
-    k_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    prediction: str = "endpoint"
-    loss_weighting: str = "none"
 
 
 class ImageFlowTask(nn.Module):
@@ -300,30 +285,34 @@ class ImageFlowTask(nn.Module):
         return fn
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, n: int | None = None, y: Tensor | None = None, *,
-               event_shape: Sequence[int] | None = None, steps: int = 50, grid: Tensor | None = None,
-               grid_kind: str = "uniform", cfg_scale: float = 1.0, class_drop_at: float | None = None,
+    def sample(self, model: nn.Module, batch: Tensor | int | None = None, solver: SolverConfig | None = None, *,
+               n: int | None = None, y: Tensor | None = None, event_shape: Sequence[int] | None = None,
+               steps: int | None = None, grid: Tensor | None = None, grid_kind: str | None = None,
+               cfg_scale: float = 1.0, class_drop_at: float | None = None,
                cfg_interval: Sequence[float] | None = None,
-               x_0: Tensor | None = None, method: str = "exact", x0_mode: str = "estimate",
+               x_0: Tensor | None = None, method: str | None = None, x0_mode: str | None = None,
                generator: torch.Generator | None = None, hook: Hook | None = None,
                return_trajectory: bool = False, device: torch.device | str | None = None) -> Solution:
-        """Generate latents.
+        """Generate latents (the task protocol's ``sample(model, batch, solver)``; ``docs/CONTRACTS.md``).
 
         Args:
             model: the trained network (use the EMA copy).
+            batch: what to condition on: ``(n,)`` labels (the same as ``y``), or a sample count ``n``.
+            solver: method, steps, grid and source of the integration (default :class:`SolverConfig()`:
+                50 uniform exact-increment steps, re-estimated source).
             n: number of samples (default ``len(y)`` or ``len(x_0)``).
             y: ``(n,)`` labels; ``None`` = unconditional.
             event_shape: ``(C, H, W)``; needed when ``x_0`` is not given (default: the model's config).
-            steps: number of steps when ``grid`` is not given.
+            steps: overrides ``solver.steps`` (when ``grid`` is not given).
             grid: explicit ``(steps + 1,)`` k-grid.
-            grid_kind: ``uniform`` or ``band``.
+            grid_kind: overrides ``solver.grid`` (``uniform`` or ``band``).
             cfg_scale: classifier-free guidance scale.
             cfg_interval: ``(k_lo, k_hi)`` where guidance applies (see :meth:`model_fn`); ``None`` = all of k.
             class_drop_at: drop the label for ``k >= class_drop_at``.
             x_0: ``(n, C, H, W)`` starting noise (e.g. from :func:`kflow_image.sampling.split_noise`).
-            method: ``exact``, ``euler`` or ``heun``.
-            x0_mode: ``estimate`` (re-estimate the source at each step, see :func:`kflow.solver.solve`) or
-                ``fixed`` (use the starting noise throughout, as :func:`kflow.solver.solve` does).
+            method: overrides ``solver.method`` (``exact``, ``euler`` or ``heun``).
+            x0_mode: overrides ``solver.source``: ``estimate`` (re-estimate the source at each step, see
+                :func:`kflow.solver.solve`) or ``fixed`` (use the starting noise throughout).
             generator: RNG for ``x_0``.
             hook: ``hook(step, k_next, x) -> x | None`` after each step (e.g. restoration).
             return_trajectory: keep every state.
@@ -332,8 +321,16 @@ class ImageFlowTask(nn.Module):
         Returns:
             :class:`kflow.solver.Solution` with ``x_1`` ``(n, C, H, W)``.
         """
-        if x0_mode not in ("estimate", "fixed"):
+        if isinstance(batch, int):
+            n = batch if n is None else n
+        elif batch is not None:
+            if y is not None:
+                raise ValueError("give the labels once: as batch or as y")
+            y = batch
+        if x0_mode not in (None, "estimate", "fixed"):
             raise ValueError(f"x0_mode must be 'estimate' or 'fixed', got {x0_mode!r}")
+        solver = (solver or SolverConfig()).replace(steps=steps, grid=grid_kind, method=method, source=x0_mode)
+        method = solver.method
         if device is None:
             device = next(model.parameters()).device
         if x_0 is None:
@@ -357,7 +354,7 @@ class ImageFlowTask(nn.Module):
             if len(y) != len(x_0):
                 raise ValueError(f"{len(y)} labels for {len(x_0)} samples")
         if grid is None:
-            grid = self.grid(steps, grid_kind)
+            grid = self.grid(solver.steps, solver.grid)
         fn = self.model_fn(model, y, cfg_scale, class_drop_at, cfg_interval)
         self.transform.to(device)
         self.schedule.to(device)
@@ -368,7 +365,7 @@ class ImageFlowTask(nn.Module):
             return solve(self.path, x_0, fn, grid, method=method, prediction="velocity", hook=hook,
                          return_trajectory=return_trajectory)
         return solve(self.path, x_0, fn, grid, method=method, prediction="endpoint", hook=hook,
-                     return_trajectory=return_trajectory, source=x0_mode)
+                     return_trajectory=return_trajectory, source=solver.source)
 
 
 def make_task(transform: str, event_shape: Sequence[int], schedule: BandSchedule, *, wave: str = "haar",

@@ -141,8 +141,10 @@ def cmd_train(args, extra) -> int:
           f"split train/val/test = {len(train)}/{len(val)}/{len(test)}; model "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; run dir {tcfg.run_dir}", file=sys.stderr)
 
+    solver = _solver(cfg)
+
     def eval_fn(ema_model, step):
-        r = evaluate(ema_model, task, val, steps=min(int(cfg.solver.steps), 20), method=cfg.solver.method,
+        r = evaluate(ema_model, task, val, steps=min(solver.steps, 20), method=solver.method, grid=solver.grid,
                      device=next(ema_model.parameters()).device)
         m = r["model"]
         return {"val_pm_atom": m["pm_atom"], "val_pm_atom_symmetry_aware": m["pm_atom_symmetry_aware"],
@@ -162,8 +164,8 @@ def cmd_train(args, extra) -> int:
             "train_ids": [c["id"] for c in train]}
     export_model(run / "model.pt", ema, to_container(cfg), info)
     if test:
-        res = evaluate(ema, task, test, steps=int(cfg.solver.steps), method=cfg.solver.method,
-                       grid=cfg.solver.grid, device=trainer.device,
+        res = evaluate(ema, task, test, steps=solver.steps, method=solver.method, grid=solver.grid,
+                       device=trainer.device,
                        expansion_mean=float(cfg.noise.expansion_mean))
         res["rejected"] = rejected
         atomic_write_text(run / "test_metrics.json", json.dumps(public(res), indent=1))
@@ -172,6 +174,17 @@ def cmd_train(args, extra) -> int:
         _warn_clashes(f"{cfg.data.name} test", res)
     print(f"done: {run / 'model.pt'}", file=sys.stderr)
     return 0
+
+
+def _solver(cfg, **flags):
+    """The model's ``solver`` config as one :class:`kflow.solver.SolverConfig`, with the command's flags
+    (``--steps``, ``--method``; ``None`` keeps the config's value): every command samples with all of it."""
+    from kflow.solver import SolverConfig
+
+    try:
+        return SolverConfig.from_dict(dict(cfg.solver), **flags)
+    except ValueError as err:
+        raise InputError(f"solver: {err}") from None
 
 
 def _summary_line(name: str, res: dict) -> str:
@@ -196,8 +209,8 @@ def cmd_evaluate(args, extra) -> int:
         clusters = [clusters[i] for i in split_indices(len(clusters), int(ov.data.split_seed))[args.split]]
     if args.limit:
         clusters = clusters[: args.limit]
-    res = evaluate(model, task, clusters, steps=args.steps or int(cfg.solver.steps),
-                   method=args.method or cfg.solver.method, device=device,
+    solver = _solver(cfg, steps=args.steps, method=args.method)
+    res = evaluate(model, task, clusters, steps=solver.steps, method=solver.method, grid=solver.grid, device=device,
                    expansion_mean=float(noise.expansion_mean), progress=not args.json,
                    refine=_refine_config() if args.refine else None)
     res.update(checkpoint=str(p), data=data, split=args.split, trained_on=info.get("data"), rejected=rejected)
@@ -377,7 +390,8 @@ def _assemble(args, record, known, device, t_start, t_read) -> int:
     if known == "loose-only":
         prep["initial"] = np.asarray(record.initial)
     batch = make_batch([prep]).to(device)
-    res = task.sample(model, batch, steps=args.steps or int(cfg.solver.steps), method=cfg.solver.method,
+    solver = _solver(cfg, steps=args.steps)
+    res = task.sample(model, batch, steps=solver.steps, method=solver.method, grid=solver.grid,
                       return_trajectory=True)
     n = len(prep["species"])
     pos = res["positions"][0, :, :n].double().cpu().numpy()

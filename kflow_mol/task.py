@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from kflow.schedule import make_grid
+from kflow.solver import SolverConfig
 
 from . import so3
 from .batch import ClusterBatch, RigidState, collate
@@ -196,14 +197,22 @@ class AssemblyTask:
         return {"R_k": ps.R_k, "R1": R1, "R1_hat": R1_hat, "rot_rmsd_hat": rot_hat.sqrt(), "rot_rmsd_k": rot_k.sqrt()}
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, batch: AssemblyBatch, steps: int = 50, method: str = "exact",
-               grid: str = "uniform", return_trajectory: bool = False) -> dict:
-        """Assemble the loose clusters of ``batch``.
+    def sample(self, model: nn.Module, batch: AssemblyBatch, solver: SolverConfig | None = None, *,
+               steps: int | None = None, method: str | None = None, grid: str | None = None,
+               return_trajectory: bool = False) -> dict:
+        """Assemble the loose clusters of ``batch`` (the task protocol's ``sample(model, batch, solver)``).
+
+        Args:
+            solver: steps, method (``exact`` only) and grid (default: 50 uniform steps); its ``source`` is not
+                used (centroids keep the loose state as source, rotations follow ``path.rot_source``).
+            steps, method, grid: override single fields of ``solver``.
 
         Returns:
             dict with ``c (B, M, 3)``, ``R (B, M, 3, 3)``, ``positions (B, M, n_max, 3)`` and optionally
             ``trajectory`` (list over grid points of ``(B, M, n_max, 3)``), ``seconds``.
         """
+        solver = (solver or SolverConfig()).replace(steps=steps, method=method, grid=grid)
+        steps, method, grid = solver.steps, solver.method, solver.grid
         if method != "exact":
             raise ValueError(f"the rigid sampler integrates with exact increments only (method='exact'), "
                              f"got '{method}'")

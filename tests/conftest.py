@@ -12,18 +12,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _shared() -> Path | None:
-    env = os.environ.get("KFLOW_SHARED")
-    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared"]:
-        if cand.is_dir() and (cand / "data").is_dir():
-            return cand
-    return None
-
-
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """Path of the shared data folder; skips the test when it is absent."""
-    path = _shared()
+    """Path of the shared data folder (:func:`kflow.utils.shared_dir`); skips the test when it is absent."""
+    from kflow.utils import shared_dir as find_shared
+
+    path = find_shared()
     if path is None:
         pytest.skip("shared data not found: set KFLOW_SHARED=/path/to/shared")
     return path

@@ -35,13 +35,6 @@ class KTransform(nn.Module):
         """
         return self.inverse(mu * self.forward(x))
 
-    def expand_k(self, k: Tensor) -> Tensor:
-        """Reshape ``k`` of shape ``(B,)`` so it broadcasts against :attr:`kappa`."""
-        k = torch.as_tensor(k, dtype=self.kappa.dtype, device=self.kappa.device)
-        if k.dim() == 0:
-            k = k.reshape(1)
-        return k.reshape(-1, *([1] * (self.kappa.dim() - 1)))
-
     def distinct_kappa(self) -> Tensor:
         """Sorted distinct scales (the bands); used to build per-band grids."""
         return torch.unique(self.kappa.detach().flatten().cpu().double())
