@@ -5,10 +5,13 @@ import pytest
 import roma
 import torch
 
+from kflow.testing import assert_equivariant_permutation, assert_equivariant_rotation
 from kflow_mol.batch import RigidState, collate
 from kflow_mol.model import AssemblyNet
 
 M = 17
+# these tensors are tiny: intra-op threads only add synchronisation (badly so on a loaded machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _template(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,15 +44,6 @@ def _build(F: int = 2, **kw) -> AssemblyNet:
     kw = {"enc_layers": 2, "mol_layers": 2, "hidden_scalars": 16, "hidden_vectors": 4, "hidden_l2": 2,
           "enc_scalars": 16, "enc_vectors": 4, "contact_channels": 4, **kw}
     return AssemblyNet(node_feature_dim=F, **kw).double()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +93,16 @@ def test_rotation_translation_equivariance(setup, rot_output, self_interaction):
     model = _model(rot_output=rot_output, self_interaction=self_interaction)
     out = model(x, k, batch=batch, node_features=nf)
     assert out.shape == (2, M, 6) and torch.isfinite(out).all()
-    Q = roma.unitquat_to_rotmat(roma.random_unitquat(dtype=torch.float64))
     shift = torch.tensor([3.0, -7.0, 11.0], dtype=torch.float64)
-    x2 = RigidState(x.c @ Q.T + shift, Q @ x.R)
-    out2 = model(x2, k, batch=batch, node_features=nf)
-    expect = torch.cat([out[..., :3] @ Q.T, out[..., 3:] @ Q.T], dim=-1)
-    assert torch.allclose(out2, expect, atol=1e-9, rtol=0), (out2 - expect).abs().max()
+    out_shifted = model(RigidState(x.c + shift, x.R), k, batch=batch, node_features=nf)
+    assert torch.allclose(out_shifted, out, atol=1e-9, rtol=0), (out_shifted - out).abs().max()
+
+    def fn(frames):  # (B, M, 4, 3): the centroid and the rows of R^T, which rotate as points do
+        state = RigidState(frames[..., 0, :], frames[..., 1:, :].transpose(-1, -2))
+        return model(state, k, batch=batch, node_features=nf).reshape(2, M, 2, 3)
+
+    assert_equivariant_rotation(fn, torch.cat([x.c[..., None, :], x.R.transpose(-1, -2)], dim=-2), atol=1e-9)
+    Q = roma.unitquat_to_rotmat(roma.random_unitquat(dtype=torch.float64))
     # the output is not trivially zero / invariant
     assert (out[..., :3] @ Q.T - out[..., :3]).abs().max() > 1e-3
 
@@ -123,10 +121,14 @@ def test_body_frame_choice_does_not_matter(setup):
 def test_permutation_equivariance(setup):
     _, batch, x, k, nf = setup
     model = _model()
-    perm = torch.randperm(M, generator=torch.Generator().manual_seed(3))
-    out = model(x, k, batch=batch, node_features=nf)
-    out2 = model(RigidState(x.c[:, perm], x.R[:, perm]), k, batch=batch, node_features=nf[:, perm])
-    assert torch.allclose(out2, out[:, perm], atol=1e-10, rtol=0)
+
+    def fn(packed):  # (B, M, 3 + 9 + F): centroid, rotation, node features of each molecule
+        state = RigidState(packed[..., :3], packed[..., 3:12].reshape(*packed.shape[:2], 3, 3))
+        return model(state, k, batch=batch, node_features=packed[..., 12:])
+
+    torch.manual_seed(3)
+    packed = torch.cat([x.c, x.R.flatten(-2), nf], dim=-1)
+    assert_equivariant_permutation(fn, packed, dim=1, atol=1e-10)
 
 
 def test_template_cache_matches(setup):
