@@ -54,7 +54,8 @@ def test_mol_config_builds_model_and_task(schedule):
 
 
 def test_library_does_not_import_hydra():
-    code = ("import sys, kflow, kflow.train, kflow.path, kflow_mol.task, kflow_mol.rigid, kflow_image; "
+    code = ("import sys, kflow, kflow.train, kflow.path, kflow_mol.task, kflow_mol.rigid, kflow_image, "
+            "kflow_image.pipeline, kflow.utils; "
             "bad=[m for m in sys.modules if m.split('.')[0] in ('hydra','omegaconf')]; print(bad); "
             "sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
