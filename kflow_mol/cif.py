@@ -73,7 +73,9 @@ RMSD_TOL = 0.15
 # hydrogen bonds); below half of it atoms overlap.
 MIN_PACKING = 0.5
 MIN_CONTACT_RATIO = 0.5
-GRAPH_MATCH_CAP = 5000  # bond-graph isomorphisms tried per conformer (methyl rotors give 3^k of them)
+# bond-graph isomorphisms tried per conformer (methyl rotors give 3^k of them; any one orders the atoms
+# consistently, more only improve the fit) and the time allowed for them
+GRAPH_MATCH_CAP, GRAPH_MATCH_SECONDS = 500, 3.0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -677,8 +679,9 @@ def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
 
     A different conformer is not a rigid image, so the rigid matcher cannot order its atoms. Candidates: the
     species-constrained nearest assignment after aligning the inertial frames (4 proper and 4 improper
-    sign choices; cheap, right for most conformers) and, if none preserves the bond graph, up to ``cap``
-    graph isomorphisms (networkx VF2). Among those preserving every bond, the one with the smallest rigid-fit
+    sign choices), refined by alternating Kabsch fits and assignments (cheap, right for most conformers)
+    and, if none preserves the bond graph, up to ``cap`` graph isomorphisms (networkx VF2, at most
+    :data:`GRAPH_MATCH_SECONDS`). Among those preserving every bond, the one with the smallest rigid-fit
     RMSD (proper or improper) wins.
 
     Returns:
@@ -703,10 +706,14 @@ def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
     _, Uy = np.linalg.eigh(Yc.T @ Yc)
     for signs in np.array(np.meshgrid([1, -1], [1, -1], [1, -1])).T.reshape(-1, 3):
         perm = _assign(Xc @ Ux * signs, Yc @ Uy, species, species_y)
-        if ok(perm):
-            r = fit(perm)
-            if best is None or r < best[1]:
-                best = (perm, r)
+        for _ in range(4):  # alternate fit and assignment (ICP): side chains that moved find their atoms
+            if ok(perm):
+                r = fit(perm)
+                if best is None or r < best[1]:
+                    best = (perm, r)
+                break
+            R = kabsch_np(Xc, Yc[perm], proper=bool(np.prod(signs) > 0))[0]
+            perm = _assign(Xc @ R.T, Yc, species, species_y)
     if best is not None:
         return best
     import networkx as nx
@@ -716,8 +723,11 @@ def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
     nx.set_node_attributes(gx, {i: int(z) for i, z in enumerate(species)}, "z")
     nx.set_node_attributes(gy, {i: int(z) for i, z in enumerate(species_y)}, "z")
     gm = isomorphism.GraphMatcher(gx, gy, node_match=lambda a, b: a["z"] == b["z"])
+    import time
+
+    t0 = time.perf_counter()
     for k, mapping in enumerate(gm.isomorphisms_iter()):
-        if k >= cap:
+        if k >= cap or (best is not None and time.perf_counter() - t0 > GRAPH_MATCH_SECONDS):
             break
         perm = np.array([mapping[i] for i in range(len(X))])
         r = fit(perm)
