@@ -47,7 +47,7 @@ def file_rng(seed: int, cluster_id: str) -> np.random.Generator:
 
 
 # what the report says of every accepted crystal (ClusterRecord.meta keys of kflow_mol.cif.cluster_from_cif)
-REPORT_FACTS = ("formula", "n_cell_molecules", "fit_rmsd_max", "shell_gap", "racemic", "n_mirror_copies",
+REPORT_FACTS = ("formula", "n_cell_molecules", "declared_z", "fit_rmsd_max", "shell_gap", "racemic", "n_mirror_copies",
                 "n_conformers", "multiple_conformers", "n_cluster_shapes", "packing_coefficient", "cell_volume",
                 "vdw_volume", "min_contact", "min_contact_atoms", "min_vdw_ratio")
 

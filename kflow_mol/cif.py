@@ -950,10 +950,13 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
     cell_mols = [central] + mol_i[sel].tolist()
     volumes = [vdw_volume(species, ref) for ref in refs]  # a mirror image has its reference's volume
     packing = float(sum(volumes[k] for k in conformer) / vol)
+    declared_z = _declared_z(path)
     if min_packing is not None and packing < min_packing:
+        hint = (f"; the CIF declares Z = {declared_z}: symmetry copies missing?"
+                if declared_z is not None and declared_z > Z else "")
         raise BuildError(path, "loose_packing", f"packing coefficient {packing:.2f} < {min_packing:g} "
                          f"({Z} molecule(s) of {np.mean(volumes):.0f} A^3 van der Waals volume in a "
-                         f"{vol:.0f} A^3 cell)")
+                         f"{vol:.0f} A^3 cell{hint})")
     contact = shortest_contact(species, final)
     if min_contact_ratio is not None and contact["min_vdw_ratio"] < min_contact_ratio:
         raise BuildError(path, "impossible_contact",
@@ -965,6 +968,7 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
         "source": str(path),
         "formula": "".join(f"{s}{k}" for s, k in _formula_counts(species)),
         "n_cell_molecules": int(Z),
+        "declared_z": declared_z,
         "cell": [float(a), float(b), float(cc), float(al), float(be), float(ga)],
         "fit_rmsd_max": float(fit_max),
         "planar": planar,
@@ -983,6 +987,16 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
     }
     return ClusterRecord(id=path.stem, species=species.astype(np.int64), final=final, initial=None,
                          meta=meta).validate()
+
+
+def _declared_z(path: Path) -> int | None:
+    """``_cell_formula_units_Z`` as the file states it (None when absent or not a number): a cell with fewer
+    molecules than that lacks symmetry copies (e.g. a 'P 1' export of the asymmetric unit)."""
+    try:
+        m = re.search(r"(?mi)^\s*_cell_formula_units_Z\s+(\d+)", path.read_text(errors="replace"))
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
 
 
 def _formula_counts(species: np.ndarray):

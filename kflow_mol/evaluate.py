@@ -58,7 +58,7 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
             out[name] = summarize([f[name] for f in floors])
     orders = [int(len(c["perms"])) for c in clusters]  # the central copy's point group
     out["symmetry_orders"] = {str(k): orders.count(k) for k in sorted(set(orders))}
-    shapes = [int(len(c.get("templates", [0]))) for c in clusters]  # distinct rigid shapes per cluster
+    shapes = [len(c.get("templates", [0])) for c in clusters]  # distinct rigid shapes per cluster
     out["shapes_per_cluster"] = {str(k): shapes.count(k) for k in sorted(set(shapes))}
     if model is not None:
         preds, seconds = predict_clusters(model, task, clusters, steps, method, grid, batch_size, device, progress)

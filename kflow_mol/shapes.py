@@ -79,7 +79,7 @@ def find_shapes(positions: np.ndarray, tol: float = SHAPE_TOL) -> Shapes:
                 copy_shape[i], R[i], rmsd[i] = s, Ri, r
                 break
         else:
-            t, Rb = body_coordinates(torch.from_numpy(x[i]))
+            t, _ = body_coordinates(torch.from_numpy(x[i]))
             t = t.numpy()
             mirror = -1
             for s, u in enumerate(templates):  # a mirror image: an improper fit onto an earlier shape
@@ -90,7 +90,7 @@ def find_shapes(positions: np.ndarray, tol: float = SHAPE_TOL) -> Shapes:
             templates.append(t)
             mirror_of.append(mirror)
             copy_shape[i] = len(templates) - 1
-            R[i] = kabsch_np(t, xc[i])[0]  # = Rb up to rounding; Kabsch keeps it a proper rotation
+            R[i] = kabsch_np(t, xc[i])[0]  # the inertial frame up to rounding, kept a proper rotation
     body = np.einsum("mna,mab->mnb", xc, R)  # R_i^T (x_i - c_i), row form
     return Shapes(np.stack(templates), copy_shape, R, body, rmsd, np.asarray(mirror_of, dtype=np.int64))
 

@@ -36,7 +36,7 @@ def test_racemic_and_conformers_are_facts_by_default():
 
 def test_match_graph_orders_a_conformer():
     conf = cluster_from_cif(DATA / "multiple_conformers_p1.cif")
-    X, Y = conf.final[0], conf.final[[i for i in range(17) if find_shapes(conf.final).copy_shape[i] == 1][0]]
+    X, Y = conf.final[0], conf.final[next(i for i in range(17) if find_shapes(conf.final).copy_shape[i] == 1)]
     perm = np.random.default_rng(0).permutation(len(Y))
     got = match_graph(X, Y[perm], conf.species, conf.species[perm])
     assert got is not None

@@ -50,7 +50,7 @@ def mixed():
 
 
 def test_find_shapes_mirror_and_conformer(mixed):
-    species, t, mirror, conf, cs = mixed
+    _, t, mirror, conf, cs = mixed
     for other, is_mirror in ((mirror, True), (conf, False)):
         x = _cluster(t, other, cs, seed=1)
         sh = find_shapes(x)
@@ -73,7 +73,7 @@ def _model(**kw) -> AssemblyNet:
 
 @pytest.fixture(scope="module")
 def setup(mixed):
-    species, t, mirror, conf, cs = mixed
+    species, t, mirror, _, cs = mixed
     sp2, t2 = _molecule(7, 3)
     x = _cluster(t, mirror, cs, seed=4)
     sh = find_shapes(x)
@@ -147,7 +147,7 @@ def test_prepared_mixed_cluster_is_exact(mixed):
     """prepare: per-copy bodies place every copy exactly; the symmetry-blind oracle scores PM 0 per copy."""
     from kflow_mol.task import make_batch
 
-    species, t, mirror, conf, cs = mixed
+    species, t, _, conf, cs = mixed
     final = _cluster(t, conf, cs, seed=7)
     rec = ClusterRecord("mixed", species, final)
     prep = prepare(rec)
