@@ -238,11 +238,11 @@ def build_task(cfg: Mapping, event_shape, num_classes: int, fit_data: Tensor | N
     restored from ``state_dict`` (a checkpoint)."""
     from kflow_image.task import make_task
 
-    tcfg = cfg["transform"]
+    transform_name(cfg["transform"])  # an image transform, not another group's class
+    transform = instantiate(dict(cfg["transform"]))(event_shape=tuple(int(s) for s in event_shape))
     sch = instantiate(dict(cfg["schedule"]))
     t = cfg["task"]
-    return make_task(transform_name(tcfg), event_shape, sch, wave=tcfg.get("wave", "haar"),
-                     levels=tcfg.get("levels"), fit_data=fit_data, energy_warp=bool(t.get("energy_warp")),
+    return make_task(transform, event_shape, sch, fit_data=fit_data, energy_warp=bool(t.get("energy_warp")),
                      state_dict=state_dict, num_classes=num_classes, label_dropout=t["label_dropout"],
                      k_sampling=t["k_sampling"], logit_mean=t["logit_mean"], logit_std=t["logit_std"],
                      prediction=t["prediction"], loss_weighting=t["loss_weighting"])

@@ -16,6 +16,7 @@ exact-increment rule using a *re-estimated* source (``x0_mode="estimate"``, the 
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -368,17 +369,21 @@ class ImageFlowTask(nn.Module):
                      return_trajectory=return_trajectory, source=solver.source)
 
 
-def make_task(transform: str, event_shape: Sequence[int], schedule: BandSchedule, *, wave: str = "haar",
-              levels: int | None = None, fit_data: Tensor | None = None, energy_warp: bool = False,
-              state_dict: dict | None = None, seed: int = 0, **task_kwargs) -> ImageFlowTask:
+def make_task(transform: str | KTransform, event_shape: Sequence[int], schedule: BandSchedule, *,
+              wave: str = "haar", levels: int | None = None, fit_data: Tensor | None = None,
+              energy_warp: bool = False, state_dict: dict | None = None, seed: int = 0,
+              **task_kwargs) -> ImageFlowTask:
     """Build an :class:`ImageFlowTask` for training (``fit_data``) or restore one (``state_dict``).
 
     Args:
-        transform: ``identity | fourier | wavelet | pca``.
+        transform: a built transform (e.g. instantiated from a ``transform`` config; an unfitted
+            :class:`PCATransform` is fitted on ``fit_data`` unless ``state_dict`` restores it), or the name
+            ``identity | fourier | wavelet | pca`` (:func:`build_transform` with ``wave`` and ``levels``).
         event_shape: ``(C, H, W)`` of one latent.
-        schedule: the band schedule (without warp; the warp is added here when ``energy_warp``).
-        wave: wavelet name.
-        levels: wavelet levels.
+        schedule: the band schedule (without warp); it is not modified: with ``energy_warp`` the task holds a
+            warped copy.
+        wave: wavelet name (named transforms only).
+        levels: wavelet levels (named transforms only).
         fit_data: ``(N, C, H, W)`` training latents: fits the PCA basis and the energy warp.
         energy_warp: warp ``kappa`` by the dataset band energy (needs ``fit_data`` or ``state_dict``).
         state_dict: a saved ``ImageFlowTask.state_dict()`` (PCA basis, warp) to restore instead of fitting.
@@ -386,13 +391,17 @@ def make_task(transform: str, event_shape: Sequence[int], schedule: BandSchedule
         **task_kwargs: the remaining :class:`ImageFlowTask` arguments.
     """
     shape = tuple(int(s) for s in event_shape)
-    if state_dict is None and fit_data is None and (transform == "pca" or energy_warp):
+    pca = transform == "pca" or isinstance(transform, PCATransform)
+    if state_dict is None and fit_data is None and (pca or energy_warp):
         raise ValueError(f"transform={transform!r} energy_warp={energy_warp} needs fit_data (training latents)")
-    if state_dict is not None and transform == "pca":
-        t: KTransform = PCATransform(shape)  # the basis comes from the state dict
+    if isinstance(transform, KTransform):
+        t = transform.fit(fit_data) if pca and state_dict is None else transform
+    elif state_dict is not None and pca:
+        t = PCATransform(shape)  # the basis comes from the state dict
     else:
         t = build_transform(transform, shape, wave=wave, levels=levels, fit_data=fit_data)
     if energy_warp:
+        schedule = copy.deepcopy(schedule)
         if state_dict is not None:
             bands = state_dict["schedule.warp.bands"]
             schedule.warp = KappaWarp(bands, torch.ones_like(bands))

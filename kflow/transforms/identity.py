@@ -12,10 +12,14 @@ class IdentityTransform(KTransform):
 
     Args:
         event_dims: number of trailing dims of one sample (only used to shape :attr:`kappa`).
+        event_shape: the shape of one sample; when given, ``event_dims = len(event_shape)`` (so the transform
+            is built with the same call as the others: ``cls(event_shape=...)``).
     """
 
-    def __init__(self, event_dims: int = 1):
+    def __init__(self, event_dims: int = 1, event_shape: tuple[int, ...] | None = None):
         super().__init__()
+        if event_shape is not None:
+            event_dims = len(event_shape)
         self.register_buffer("_kappa", torch.zeros((1,) + (1,) * event_dims), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
