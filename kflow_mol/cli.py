@@ -402,7 +402,8 @@ def _assemble(args, record, known, device, t_start, t_read) -> int:
     write_xyz(out / "trajectory.extxyz", species, np.stack(traj), comment="k-trajectory")
     write_xyz(out / "loose.extxyz", species, prep["initial"], comment="loose input")
     metrics = {"id": record.id, "input": args.input or args.smiles, "checkpoint": str(p),
-               "model_trained_on": info.get("data"), "steps": res["evaluations"], "seconds": res["seconds"],
+               "model_trained_on": info.get("data"), "steps": solver.steps, "model_calls": res["evaluations"],
+               "seconds": res["seconds"],
                "reference_known": known is True, "clashes": intermolecular_clashes(pos, species)}
     panels = {"loose": prep["initial"], "assembled": pos}
     if known is True:
