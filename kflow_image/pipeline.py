@@ -617,6 +617,6 @@ def evaluate(run: ImageRun, n: int | None = None, seed: int = 0, cfg_scale: floa
     return {"checkpoint": str(run.path), "step": run.step, "n": n, "data": run.cfg["data"]["name"],
             "transform": transform_name(run.cfg["transform"]), "window": run.cfg["schedule"].get("window"),
             "cfg_scale": cfg_scale, "class_drop_at": class_drop_at, "steps": solver.steps,
-            "solver": solver.to_dict(), "evaluations_per_sample": solver.evaluations,
+            "solver": solver.to_dict(), "model_calls_per_sample": solver.evaluations,
             "generated": block(f_gen), "real_vs_real": block(f_train), "codec_reconstruction": block(f_rec),
             "generation_s": round(gen_s, 2), "images_per_s": round(n / gen_s, 2)}
