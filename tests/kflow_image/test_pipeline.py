@@ -67,3 +67,12 @@ def test_train_then_load_run_gives_the_same_samples(tmp_path, monkeypatch, one_t
     assert not torch.equal(pipeline.generate(loaded, y, 6, seed=3, solver=heun), a)
     with pytest.raises(pipeline.InputError, match="outside"):
         pipeline.labels_for(2, loaded.num_classes, [10], "cpu")
+
+
+def test_make_task_leaves_the_schedule_alone():
+    from kflow.schedule import BandSchedule
+    from kflow_image.task import make_task
+
+    sch = BandSchedule(0.3, "smoothstep")
+    task = make_task("fourier", (2, 8, 8), sch, fit_data=torch.randn(16, 2, 8, 8), energy_warp=True)
+    assert sch.warp is None and task.schedule.warp is not None
