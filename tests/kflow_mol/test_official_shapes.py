@@ -16,6 +16,7 @@ from kflow_mol.dataset import load_prepared
 from kflow_mol.metrics import evaluate_cluster, oracle_floors
 from kflow_mol.rigid import closest_equivalent_rotation
 from kflow_mol.shapes import copy_perms
+from kflow_mol.symmetry import closest_equivalent
 from kflow_mol.task import make_batch
 
 from .test_cif import DATA
@@ -29,14 +30,30 @@ def symmetry_blind_oracle_positions(prep: dict) -> np.ndarray:
     return b.clusters.positions_padded(b.c1, R)[0].numpy()
 
 
+def symmetry_residual(prep: dict) -> float:
+    """Largest atom displacement (Å) of any shape's symmetry rotation from its atom permutation, plus how far
+    the copies' bodies are from their shape's template (automorphisms of real conformers are approximate)."""
+    t = np.asarray(prep["templates"])
+    res = max(float(np.linalg.norm(np.einsum("gij,nj->gni", S, tk) - tk[P], axis=-1).max())
+              for tk, S, P in zip(t, prep["shape_symmetries"], prep["shape_perms"]))
+    return res + 2 * float(np.abs(np.asarray(prep["body"]) - t[prep["copy_shape"]]).max())
+
+
 def assert_oracle_exact(prep: dict, tol: float = 1e-6) -> None:
-    """The rigid representation reproduces the crystal, and the oracle scores symmetry-aware PM 0."""
+    """The rigid representation reproduces the crystal; the symmetry-blind oracle (true centroids, the true
+    orientation equivalent closest to the loose one) scores symmetry-aware PM 0; the rigid oracle the network is
+    trained towards (each copy's body at ``R1 S_g``) is as exact as the molecule's symmetry is."""
     b = make_batch([prep], dtype=torch.float64)
     placed = b.clusters.positions_padded(b.c1, b.R1)[0].numpy()
     assert np.abs(placed - prep["final"]).max() < tol, prep["id"]
-    oracle = symmetry_blind_oracle_positions(prep)
-    m = evaluate_cluster(oracle, prep["final"], prep["species"], copy_perms(prep))
+    perms = copy_perms(prep)
+    blind, _ = closest_equivalent(torch.from_numpy(prep["final"]), torch.from_numpy(prep["initial"]),
+                                  torch.from_numpy(perms))
+    m = evaluate_cluster(blind.numpy(), prep["final"], prep["species"], perms)
     assert m["pm_atom_symmetry_aware"] < tol and m["pm_center"] < tol, (prep["id"], m["pm_atom_symmetry_aware"])
+    rigid = evaluate_cluster(symmetry_blind_oracle_positions(prep), prep["final"], prep["species"], perms)
+    bound = 2 * symmetry_residual(prep) + tol  # each distance moves by at most twice the largest atom residual
+    assert rigid["pm_atom_symmetry_aware"] <= bound, (prep["id"], rigid["pm_atom_symmetry_aware"], bound)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +79,8 @@ def test_official_files_with_mirror_and_conformer_copies(official, tmp_path):
     assert len(by_id["ok_methanol_p21c"]["templates"]) == 1
     for c in clusters:
         assert_oracle_exact(c, tol=1e-9)
+        rigid = evaluate_cluster(symmetry_blind_oracle_positions(c), c["final"], c["species"], copy_perms(c))
+        assert rigid["pm_atom_symmetry_aware"] < 1e-6, c["id"]
         fl = oracle_floors(c["initial"], c["final"], c["species"], copy_perms(c))
         assert fl["symmetry_blind_oracle"]["pm_atom_symmetry_aware"] < 1e-9
     # one shared template (the old representation) misses the mirror copies: the test can fail
