@@ -5,7 +5,8 @@ Sub-commands (``kflow-image <cmd> --help`` documents every flag)::
     kflow-image train    [--data mnist|tiny-imagenet|PATH] [--transform fourier|wavelet|pca|identity]
                          [--baseline] [--steps N] [--run-dir DIR] [--resume] [key=value ...]
     kflow-image sample   --ckpt RUN_DIR|FILE --out grid.png [--cfg-scale S] [--class-drop-at F]
-                         [--split-bands KMIN[:KMAX]] [--restore data|IMAGE|FOLDER --degrade downsample|blur]
+                         [--split-bands KMIN[:KMAX]] [--restore data|IMAGE|FOLDER --degrade downsample|blur
+                         [--restore-method bands|sdedit]]
     kflow-image evaluate --ckpt RUN_DIR|FILE [--n N] [--json]
 
 Everything after the flags that looks like ``key=value`` is a hydra override of ``configs/image.yaml``
@@ -102,7 +103,8 @@ def cmd_sample(args, extra) -> int:
     if args.restore:
         info = pipeline.restore(run, args.restore, n, args.out, degradation=args.degrade, factor=args.factor,
                                 sigma=args.sigma, kappa_max=args.restore_kappa, seed=args.seed, cfg_scale=cfg_scale,
-                                uncond=args.uncond, solver=solver)
+                                uncond=args.uncond, solver=solver, method=args.restore_method,
+                                k_start=args.k_start)
     elif args.split_bands:
         info = pipeline.split_bands(run, _parse_bands(args.split_bands), n, args.rows, args.out, labels=labels,
                                     seed=args.seed, cfg_scale=cfg_scale, class_drop_at=args.class_drop_at,
@@ -172,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma", type=float, default=2.0, help="blur std in pixels (default 2)")
     s.add_argument("--restore-kappa", type=float, default=0.25,
                    help="coefficients with scale <= this are taken from the observation (default 0.25)")
+    s.add_argument("--restore-method", choices=["bands", "sdedit"], default="bands",
+                   help="bands: pin the coarse bands to the observation (Fourier bands for an identity run); "
+                        "sdedit: start from the observation on the path at --k-start")
+    s.add_argument("--k-start", type=float, default=0.5, help="--restore-method sdedit: where the observation "
+                   "enters the path (default 0.5)")
     s.add_argument("--nrow", type=int, help="images per grid row")
     e = sub.add_parser("evaluate", parents=[common], help="FID/KID/precision/recall beside real-vs-real and the codec floor")
     e.add_argument("--ckpt", required=True, help="run folder or checkpoint file")

@@ -43,6 +43,7 @@ __all__ = [
     "make_codec",
     "metric_block",
     "restore",
+    "restore_images",
     "restore_inputs",
     "sample_grid",
     "save_samples",
@@ -399,17 +400,19 @@ def split_bands(run: ImageRun, bands: tuple[float, float], n: int, rows: int, ou
                 labels: Tensor | None = None, seed: int = 0, cfg_scale: float = 1.0,
                 class_drop_at: float | None = None, solver: SolverConfig | None = None) -> dict:
     """Noise splitting: ``rows`` rows of ``n // rows`` samples; within a row the source noise of the scales in
-    ``bands = (kappa_min, kappa_max)`` is shared (:func:`kflow_image.sampling.split_noise`). Guidance applies
-    on all of k here (the run's ``cfg_interval`` is not used)."""
-    from kflow_image.sampling import save_grid, split_noise
+    ``bands = (kappa_min, kappa_max)`` is shared (:func:`kflow_image.sampling.split_noise`; for a run without
+    bands, the ``identity`` baseline, Fourier scales: :func:`kflow_image.sampling.restoration_bands`).
+    Guidance applies on all of k here (the run's ``cfg_interval`` is not used)."""
+    from kflow_image.sampling import restoration_bands, save_grid, split_noise
 
     solver = solver or run.solver
     lo, hi = bands
     g = torch.Generator().manual_seed(seed)
     rows, per = max(1, rows), max(1, n // max(1, rows))
+    band_t = restoration_bands(run.task, run.event_shape)
     imgs = []
     for _ in range(rows):
-        x_0, _ = split_noise(run.task.transform, per, run.event_shape, lo, hi, generator=g)
+        x_0, _ = split_noise(band_t, per, run.event_shape, lo, hi, generator=g)
         y = None if labels is None else labels[:per]
         sol = run.task.sample(run.model, y, solver, x_0=x_0, cfg_scale=cfg_scale, class_drop_at=class_drop_at)
         imgs.append(run.codec.decode(sol.x_1).cpu())
@@ -441,28 +444,69 @@ def restore_inputs(run: ImageRun, spec: str, n: int) -> tuple[Tensor, Tensor | N
     return torch.stack([load_image(f, res, ch) for f in files]), None
 
 
+RESTORE_METHODS = ("bands", "sdedit")
+
+
+@torch.no_grad()
+def restore_images(run: ImageRun, degraded: Tensor, y: Tensor | None = None, method: str = "bands",
+                   kappa_max: float = 0.25, k_start: float = 0.5, seed: int = 0, cfg_scale: float = 1.0,
+                   solver: SolverConfig | None = None, batch_size: int = 100) -> Tensor:
+    """Restore degraded images ``(N, C, H, W)`` in [0, 1] without training; returns them restored (CPU).
+
+    Args:
+        method: ``bands`` (the coarse bands ``kappa <= kappa_max`` pinned to the observation,
+            :func:`kflow_image.sampling.restore`; Fourier bands for the ``identity`` baseline) or ``sdedit``
+            (the observation enters the path at ``k_start``, :func:`kflow_image.sampling.sdedit`).
+        y: ``(N,)`` labels, or ``None`` for unconditional restoration (the null class).
+        seed: seed of the source noise (drawn on the CPU in batches of ``batch_size``).
+    """
+    from kflow_image.sampling import restore as restore_bands
+    from kflow_image.sampling import sdedit
+
+    if method not in RESTORE_METHODS:
+        raise InputError(f"restoration method {method!r}: use one of {RESTORE_METHODS}")
+    solver = solver or run.solver
+    g = torch.Generator().manual_seed(seed)
+    y = None if run.num_classes == 0 else y
+    out = []
+    for i in range(0, len(degraded), batch_size):
+        obs = degraded[i:i + batch_size]
+        yy = None if y is None else y[i:i + batch_size].to(run.device)
+        if method == "bands":
+            img, _ = restore_bands(run.task, run.model, run.codec, obs, y=yy, kappa_max=kappa_max,
+                                   cfg_scale=cfg_scale, generator=g, solver=solver)
+        else:
+            img, _ = sdedit(run.task, run.model, run.codec, obs, k_start=k_start, y=yy, cfg_scale=cfg_scale,
+                            generator=g, solver=solver)
+        out.append(img.cpu())
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def restore(run: ImageRun, spec: str, n: int, out: str | Path, degradation: str = "downsample", factor: int = 4,
             sigma: float = 2.0, kappa_max: float = 0.25, seed: int = 0, cfg_scale: float = 1.0,
-            uncond: bool = False, solver: SolverConfig | None = None) -> dict:
-    """Training-free restoration of ``n`` degraded images (:func:`restore_inputs`); writes the rows clean /
-    degraded / restored into ``out`` and returns the PSNRs."""
-    from kflow_image.metrics import psnr
+            uncond: bool = False, solver: SolverConfig | None = None, method: str = "bands",
+            k_start: float = 0.5) -> dict:
+    """Training-free restoration of ``n`` degraded images (:func:`restore_inputs`, :func:`restore_images`);
+    writes the rows clean / degraded / restored into ``out`` and returns the PSNRs and SSIMs."""
+    from kflow_image.metrics import psnr, ssim
     from kflow_image.sampling import degrade, save_grid
-    from kflow_image.sampling import restore as restore_latents
 
     clean, y = restore_inputs(run, spec, n)
     obs = degrade(clean, degradation, factor=factor, sigma=sigma)
-    g = torch.Generator().manual_seed(seed)
-    y = None if (uncond or run.num_classes == 0 or y is None) else y.to(run.device)
-    restored, _ = restore_latents(run.task, run.model, run.codec, obs, y=y, kappa_max=kappa_max, cfg_scale=cfg_scale,
-                                  generator=g, solver=solver or run.solver)
-    restored = restored.cpu()
+    y = None if (uncond or run.num_classes == 0 or y is None) else y
+    restored = restore_images(run, obs, y, method=method, kappa_max=kappa_max, k_start=k_start, seed=seed,
+                              cfg_scale=cfg_scale, solver=solver)
     recon = run.codec.decode(run.codec.encode(obs.to(run.device))).cpu()
     save_grid(torch.cat([clean, obs, restored]), out, nrow=len(clean))
-    return {"psnr_observation": float(psnr(obs, clean).mean()), "psnr_restored": float(psnr(restored, clean).mean()),
+    how = f"kappa <= {kappa_max}" if method == "bands" else f"SDEdit from k = {k_start}"
+    info = {"psnr_observation": float(psnr(obs, clean).mean()), "psnr_restored": float(psnr(restored, clean).mean()),
             "psnr_observation_through_codec": float(psnr(recon, clean).mean()),
-            "rows": ["clean", f"degraded ({degradation})", f"restored (kappa <= {kappa_max})"]}
+            "rows": ["clean", f"degraded ({degradation})", f"restored ({how})"]}
+    if min(clean.shape[-2:]) >= 11:
+        info["ssim_observation"] = float(ssim(obs, clean).mean())
+        info["ssim_restored"] = float(ssim(restored, clean).mean())
+    return info
 
 
 # ------------------------------------------------------------------------------------------ training

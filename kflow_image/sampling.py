@@ -35,8 +35,10 @@ __all__ = [
     "make_grid",
     "noise_split_grid",
     "psnr",
+    "restoration_bands",
     "restoration_hook",
     "restore",
+    "sdedit",
     "save_grid",
     "save_labelled_grid",
     "split_noise",
@@ -233,22 +235,45 @@ def degrade(images: Tensor, kind: str = "downsample", factor: int = 4, sigma: fl
     raise ValueError(f"unknown degradation {kind!r}; choose 'downsample' or 'blur'")
 
 
+def restoration_bands(task: ImageFlowTask, event_shape: Sequence[int] | None = None) -> KTransform:
+    """The transform whose scales define "coarse bands" for restoration and noise splitting.
+
+    The task's own transform, except when all its scales are equal (``identity``: the ``w = 1`` baseline has no
+    bands): then a :class:`kflow.transforms.FourierTransform` of ``event_shape`` (default: the shape the
+    identity transform was built for), so the baseline gets the same trick on Fourier bands (ILVR-style
+    low-pass replacement on its straight path).
+    """
+    t = task.transform
+    kappa = t.kappa
+    if kappa.numel() > 1 and bool((kappa != kappa.flatten()[0]).any()):
+        return t
+    from kflow.transforms import FourierTransform
+
+    shape = event_shape or getattr(t, "event_shape", None)
+    if shape is None:
+        raise ValueError("the task's transform has no bands; pass event_shape for a Fourier band transform")
+    return FourierTransform(tuple(int(s) for s in shape)).to(kappa.device)
+
+
 def restoration_hook(task: ImageFlowTask, x_0: Tensor, observation: Tensor, kappa_max: float,
-                     kappa_min: float = 0.0):
+                     kappa_min: float = 0.0, bands: KTransform | None = None):
     """Solver hook that pins the coarse coefficients to the path through the observation's latent.
 
-    After the step to ``k'``: ``x <- x + T^-1(m * T(x_obs(k') - x))`` with
+    After the step to ``k'``: ``x <- x + B^-1(m * B(x_obs(k') - x))`` with
     ``x_obs(k') = KPath.sample(x_0, observation, k').x_k`` and ``m`` the mask of scales in
-    ``[kappa_min, kappa_max]``; at ``k' = 1`` the masked coefficients equal the observation's.
+    ``[kappa_min, kappa_max]`` of the band transform ``B``; at ``k' = 1`` the masked coefficients equal the
+    observation's.
 
     Args:
-        task: the image task (its path and transform).
+        task: the image task (its path).
         x_0: ``(B, C, H, W)`` the sampler's starting noise.
         observation: ``(B, C, H, W)`` latent of the degraded image.
         kappa_max: highest scale taken from the observation.
         kappa_min: lowest scale taken from the observation.
+        bands: the band transform ``B`` (default: :func:`restoration_bands`, i.e. the task's transform, or
+            Fourier bands for a task without bands).
     """
-    t = task.transform
+    t = bands if bands is not None else restoration_bands(task, x_0.shape[1:])
     mask = band_mask(t, kappa_min, kappa_max).to(device=x_0.device, dtype=x_0.dtype)
 
     def hook(step: int, k_next: Tensor, x: Tensor) -> Tensor:
@@ -262,12 +287,12 @@ def restoration_hook(task: ImageFlowTask, x_0: Tensor, observation: Tensor, kapp
 def restore(task: ImageFlowTask, model: nn.Module, codec: nn.Module, degraded: Tensor,
             y: Tensor | None = None, kappa_max: float = 0.25, steps: int | None = None, cfg_scale: float = 1.0,
             generator: torch.Generator | None = None, method: str | None = None,
-            solver: SolverConfig | None = None) -> tuple[Tensor, Tensor]:
+            solver: SolverConfig | None = None, bands: KTransform | None = None) -> tuple[Tensor, Tensor]:
     """Training-free restoration: sample with the coarse bands fixed from the degraded observation.
 
     Args:
-        task: the trained task (a non-identity transform: with ``identity`` every coefficient has scale 0,
-            so the output would just be the observation).
+        task: the trained task; for a task without bands (``identity``) the bands are Fourier bands
+            (:func:`restoration_bands`).
         model: the network.
         codec: encodes the degraded images and decodes the result.
         degraded: ``(B, C, H, W)`` degraded images in [0, 1] at full resolution (see :func:`degrade`).
@@ -278,6 +303,7 @@ def restore(task: ImageFlowTask, model: nn.Module, codec: nn.Module, degraded: T
         generator: RNG of the source noise.
         method: overrides ``solver.method``.
         solver: the sampler (default :class:`kflow.solver.SolverConfig()`).
+        bands: the band transform (default :func:`restoration_bands`).
 
     Returns:
         ``(restored images (B, C, H, W) in [0, 1], restored latents)``.
@@ -285,9 +311,43 @@ def restore(task: ImageFlowTask, model: nn.Module, codec: nn.Module, degraded: T
     dev = next(model.parameters()).device
     obs = codec.encode(degraded.to(dev))
     x_0 = torch.randn(obs.shape, generator=generator).to(dev)
-    hook = restoration_hook(task, x_0, obs, kappa_max)
+    hook = restoration_hook(task, x_0, obs, kappa_max, bands=bands)
     solver = (solver or SolverConfig()).replace(steps=steps, method=method)
     sol = task.sample(model, y, solver, x_0=x_0, cfg_scale=cfg_scale, hook=hook)
+    return codec.decode(sol.x_1), sol.x_1
+
+
+@torch.no_grad()
+def sdedit(task: ImageFlowTask, model: nn.Module, codec: nn.Module, degraded: Tensor, k_start: float = 0.5,
+           y: Tensor | None = None, steps: int | None = None, cfg_scale: float = 1.0,
+           generator: torch.Generator | None = None, solver: SolverConfig | None = None
+           ) -> tuple[Tensor, Tensor]:
+    """SDEdit-style restoration (Meng et al. 2022): put the observation's latent on the path at ``k_start``
+    (``x = KPath.sample(x_0, obs, k_start).x_k`` with fresh noise ``x_0``) and integrate from there to ``k = 1``.
+
+    The baseline's restoration trick; it works for any transform (for K-Flow the coarse bands of the
+    observation are then already mostly revealed at ``k_start``). ``k_start = 0`` is plain generation,
+    ``k_start = 1`` returns the observation.
+
+    Args:
+        k_start: where the observation enters the path, in ``[0, 1)``.
+        steps: sampler steps over ``[k_start, 1]`` (default: ``solver.steps`` scaled by ``1 - k_start``, the
+            same step size as a full solve).
+        (others as in :func:`restore`)
+
+    Returns:
+        ``(restored images in [0, 1], restored latents)``.
+    """
+    if not 0.0 <= k_start < 1.0:
+        raise ValueError(f"k_start must be in [0, 1), got {k_start}")
+    dev = next(model.parameters()).device
+    obs = codec.encode(degraded.to(dev))
+    x_0 = torch.randn(obs.shape, generator=generator).to(dev)
+    solver = solver or SolverConfig()
+    n = steps or max(1, round(solver.steps * (1 - k_start)))
+    x_start = task.path.sample(x_0, obs, torch.full((len(obs),), k_start, device=dev, dtype=obs.dtype)).x_k
+    grid = torch.linspace(k_start, 1.0, n + 1, dtype=torch.float64)
+    sol = task.sample(model, y, solver, x_0=x_start, grid=grid, cfg_scale=cfg_scale)
     return codec.decode(sol.x_1), sol.x_1
 
 

@@ -317,3 +317,42 @@ def test_frechet_psd_matches_sqrtm_and_handles_dead_features():
     a[:, 0] = 0.0  # a dead feature: singular covariance
     b[:, 0] = 0.0
     assert np.isfinite(frechet_psd(a, b)) and frechet_psd(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ssim_is_one_on_itself_matches_constant_closed_form_and_falls_with_noise():
+    from kflow_image.metrics import ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=g)
+    torch.testing.assert_close(ssim(x, x), torch.ones(3), atol=1e-6, rtol=0)
+    # constant images: only the luminance term is left, (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, c1 = 0.2, 0.7, 0.01**2
+    got = ssim(torch.full((1, 1, 12, 12), a), torch.full((1, 1, 12, 12), b))
+    assert abs(float(got) - (2 * a * b + c1) / (a * a + b * b + c1)) < 1e-6
+    vals = [float(ssim((x + s * torch.randn(x.shape, generator=g)).clamp(0, 1), x).mean()) for s in (0.05, 0.2, 0.5)]
+    assert 1 > vals[0] > vals[1] > vals[2]
+    torch.testing.assert_close(ssim(x, x.flip(0)), ssim(x.flip(0), x))  # symmetric
+    with pytest.raises(ValueError, match="same shape"):
+        ssim(x, x[:2])
+    with pytest.raises(ValueError, match="window"):
+        ssim(x[..., :8, :8], x[..., :8, :8])
+
+
+def test_class_drop_ratio_ci_separates_a_shifted_drop_from_a_redraw():
+    from kflow_image.metrics import class_drop_ratio_ci
+
+    rng = np.random.default_rng(0)
+    d, n = 4, 200
+    lab = np.repeat([0, 1], n)
+
+    def draw(shift=0.0):
+        return rng.normal(size=(2 * n, d)) + shift + 3 * lab[:, None]
+
+    real, full = draw(), draw(0.3)
+    same = class_drop_ratio_ci(full, lab, draw(0.3), lab, real, lab, n_boot=100)
+    worse = class_drop_ratio_ci(full, lab, draw(1.5), lab, real, lab, n_boot=100)
+    assert same["lo"] < 1.0 < same["hi"] and set(same["per_class"]) == {0, 1}
+    assert worse["cdr"] > 5 and worse["lo"] > 2
+    assert abs(worse["cdr"] - np.mean([worse["fd_drop"][c] / worse["fd_full"][c] for c in (0, 1)])) < 1e-9
+    with pytest.raises(ValueError, match="lengths"):
+        class_drop_ratio_ci(full, lab[:-1], full, lab, real, lab)

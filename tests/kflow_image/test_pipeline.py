@@ -76,3 +76,32 @@ def test_make_task_leaves_the_schedule_alone():
     sch = BandSchedule(0.3, "smoothstep")
     task = make_task("fourier", (2, 8, 8), sch, fit_data=torch.randn(16, 2, 8, 8), energy_warp=True)
     assert sch.warp is None and task.schedule.warp is not None
+
+
+def test_restore_images_methods_and_seed():
+    from kflow.schedule import BandSchedule
+    from kflow.transforms import FourierTransform
+    from kflow_image.codecs import make_codec
+    from kflow_image.sampling import degrade
+    from kflow_image.task import band_mask
+
+    torch.manual_seed(0)
+    shape = (1, 16, 16)
+    task = ImageFlowTask(build_transform("identity", shape), BandSchedule(1.0), num_classes=3)
+    model = DiT(in_channels=1, input_size=16, patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=3)
+    run = pipeline.ImageRun(make_codec("identity", channels=1), task, model.eval(), shape, 3, torch.device("cpu"),
+                            SolverConfig(steps=4))
+    obs = degrade(torch.rand(5, *shape, generator=torch.Generator().manual_seed(1)), "downsample", factor=4)
+    a = pipeline.restore_images(run, obs, None, "bands", kappa_max=0.3, seed=2, batch_size=2)
+    assert a.shape == obs.shape and torch.equal(a, pipeline.restore_images(run, obs, None, "bands", kappa_max=0.3,
+                                                                           seed=2, batch_size=2))
+    f = FourierTransform(shape)  # the baseline has no bands of its own: Fourier bands are pinned
+    m = band_mask(f, 0.0, 0.3).expand_as(obs).bool()
+    lat, lat_obs = run.codec.encode(a), run.codec.encode(obs)
+    inside = (lat > -1 + 1e-3) & (lat < 1 - 1e-3)  # decoding clamps to [0, 1]; compare where it did not
+    assert inside.float().mean() > 0.5
+    b = pipeline.restore_images(run, obs, torch.tensor([0, 1, 2, 0, 1]), "sdedit", k_start=0.5, seed=2)
+    assert b.shape == obs.shape and not torch.equal(a, b)
+    assert (f(lat)[m] - f(lat_obs)[m]).abs().mean() < (f(lat)[~m] - f(lat_obs)[~m]).abs().mean()
+    with pytest.raises(pipeline.InputError, match="restoration method"):
+        pipeline.restore_images(run, obs, None, "ilvr")

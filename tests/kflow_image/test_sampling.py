@@ -184,3 +184,68 @@ def test_exact_step_with_estimated_source_is_a_convex_step_towards_the_predictio
         if k_next == 1.0:  # the last step lands on the prediction on every not-yet-revealed coefficient
             out = t(x_k + step)
             assert torch.allclose(out[safe.expand_as(out)], t(x1_hat)[safe.expand_as(out)], atol=1e-5)
+
+
+def test_restoration_bands_are_the_task_transform_or_fourier_for_identity():
+    from kflow.transforms import FourierTransform
+    from kflow_image.sampling import restoration_bands
+
+    kf = ImageFlowTask(build_transform("fourier", SHAPE), BandSchedule(0.5), num_classes=4)
+    assert restoration_bands(kf) is kf.transform
+    base = ImageFlowTask(build_transform("identity", SHAPE), BandSchedule(1.0), num_classes=4)
+    bt = restoration_bands(base, SHAPE)
+    assert isinstance(bt, FourierTransform) and bt.event_shape == SHAPE
+
+
+def test_baseline_restoration_pins_fourier_bands_on_the_straight_path():
+    from kflow.transforms import FourierTransform
+
+    task = ImageFlowTask(build_transform("identity", SHAPE), BandSchedule(1.0), num_classes=4)
+    model, obs, x_0 = _model(), torch.randn(3, *SHAPE), torch.randn(3, *SHAPE)
+    out = task.sample(model, y=torch.tensor([0, 1, 2]), x_0=x_0, steps=6,
+                      hook=restoration_hook(task, x_0, obs, kappa_max=0.4)).x_1
+    f = FourierTransform(SHAPE)
+    mask = band_mask(f, 0.0, 0.4).expand(3, *SHAPE).bool()
+    c_out, c_obs = f(out), f(obs)
+    torch.testing.assert_close(c_out[mask], c_obs[mask], atol=1e-5, rtol=0)
+    assert (c_out[~mask] - c_obs[~mask]).abs().mean() > 0.1  # not simply the observation
+
+
+class Oracle(torch.nn.Module):
+    """Predicts a fixed endpoint; records the k of every call."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target, self.ks = target, []
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_k, k, y=None):
+        self.ks.append(float(k[0]))
+        return self.target.to(x_k)
+
+
+@pytest.mark.parametrize("name", ["identity", "fourier"])
+def test_sdedit_starts_at_k_start_and_lands_on_a_perfect_prediction(name):
+    from kflow.solver import SolverConfig
+    from kflow_image.sampling import sdedit
+
+    codec = make_codec("identity", channels=1)
+    shape = (1, 16, 16)
+    window = 1.0 if name == "identity" else 0.4
+    task = ImageFlowTask(build_transform(name, shape), BandSchedule(window), num_classes=4)
+    g = torch.Generator().manual_seed(0)
+    obs = torch.rand(2, *shape, generator=g)
+    truth = codec.encode(torch.rand(2, *shape, generator=g))
+    oracle = Oracle(truth)
+    img, lat = sdedit(task, oracle, codec, obs, k_start=0.6, generator=g, solver=SolverConfig(steps=10))
+    assert len(oracle.ks) == 4 and abs(oracle.ks[0] - 0.6) < 1e-6  # 10 steps over [0, 1] -> 4 over [0.6, 1]
+    # coefficients not yet fully revealed at k_start land on the prediction; those already revealed (K-Flow's
+    # coarse bands) keep the observation's value
+    mu, _ = task.path.weights(torch.full((2,), 0.6), obs)
+    done = (1 - mu).expand_as(lat) <= 1e-4
+    assert done.any() == (name == "fourier") and (~done).any()
+    t = task.transform
+    torch.testing.assert_close(t(lat)[~done], t(truth)[~done], atol=1e-5, rtol=0)
+    torch.testing.assert_close(t(lat)[done], t(codec.encode(obs))[done], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="k_start"):
+        sdedit(task, oracle, codec, obs, k_start=1.0)
