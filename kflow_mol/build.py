@@ -52,6 +52,20 @@ REPORT_FACTS = ("formula", "n_cell_molecules", "declared_z", "fit_rmsd_max", "sh
                 "vdw_volume", "min_contact", "min_contact_atoms", "min_vdw_ratio")
 
 
+# written into summary.json so the report explains itself
+FACTS_EXPLAINED = {
+    "racemic": "the cell holds both enantiomers; each is its own rigid shape (reject with --reject-racemic)",
+    "n_conformers": "distinct conformers in the cell (Z' > 1 with different shapes: multiple_conformers; atom "
+                    "order by bond-graph matching; reject with --reject-conformers)",
+    "n_cluster_shapes": "distinct rigid shapes among the 17 copies (enantiomers and conformers)",
+    "packing_coefficient": "van der Waals volume of the cell's molecules (Bondi, union of spheres) / cell volume; "
+                           "organic crystals 0.65-0.80; below --min-packing: rejected (loose_packing)",
+    "declared_z": "_cell_formula_units_Z of the file (fewer molecules in the cell: symmetry copies missing?)",
+    "min_contact": "shortest intermolecular atom distance in the cluster (A), min_vdw_ratio the same as a fraction of "
+                   "the van der Waals sum; below --min-contact-ratio: rejected (impossible_contact)",
+}
+
+
 class _Timeout(Exception):
     pass
 
@@ -432,6 +446,7 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
         "min_packing": min_packing,
         "min_contact_ratio": min_contact_ratio,
         "facts": _facts(rows),
+        "facts_explained": FACTS_EXPLAINED,
         "workers": workers,
         "limits": {**asdict(kw["limits"]), "timeout_s": timeout, "max_memory_gb": max_memory_gb},
         "seconds_total": round(total, 3),

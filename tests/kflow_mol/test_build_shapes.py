@@ -72,7 +72,7 @@ def test_packing_sanity_thresholds(tmp_path):
     assert s["reasons"] == {"loose_packing": 3} and s["min_packing"] == 0.5
     s = build_dataset(src, tmp_path / "o2", workers=1, progress=False, min_packing=None)
     assert s["accepted"] == 3 and s["facts"]["racemic"] == 1 and s["facts"]["multiple_conformers"] == 1
-    assert s["facts"]["clusters_with_several_shapes"] == 2
+    assert s["facts"]["clusters_with_several_shapes"] == 2 and "racemic" in s["facts_explained"]
     rows = {r["id"]: r for r in map(json.loads, (tmp_path / "o2" / "report.jsonl").read_text().splitlines())}
     assert rows["racemic_p-1"]["racemic"] and rows["multiple_conformers_p1"]["n_conformers"] == 2
     assert all(r["packing_coefficient"] > 0 and r["min_contact"] > 0 for r in rows.values())
