@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,13 @@ def _fingerprint(files: list[Path], settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def load_records(source: DataSource, progress: bool = True) -> tuple[list[ClusterRecord], list[dict]]:
-    """Read every cluster of a source; returns ``(records, rejected)`` (rejections with their reasons)."""
+def load_records(source: DataSource, progress: bool = True,
+                 min_packing: float | None = None) -> tuple[list[ClusterRecord], list[dict]]:
+    """Read every cluster of a source; returns ``(records, rejected)`` (rejections with their reasons).
+
+    ``min_packing``: for CIF folders, reject cells whose packing coefficient is below it (``loose_packing``,
+    as ``build-dataset`` does; e.g. P1 files holding fewer molecules than their declared Z); None: no check.
+    """
     from .io import list_raw_ids, read_raw_pair
 
     records, rejected = [], []
@@ -126,7 +132,7 @@ def load_records(source: DataSource, progress: bool = True) -> tuple[list[Cluste
 
         it = tqdm(files, desc=f"cutting clusters ({source.name})", leave=False)
     for f in it:
-        read(f.stem, cluster_from_cif, f)
+        read(f.stem, partial(cluster_from_cif, min_packing=min_packing), f)
     return records, rejected
 
 
@@ -165,18 +171,21 @@ def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0, shape_tol: flo
 
 
 def load_prepared(data: str, data_root=None, noise_cfg=None, seed: int = 0, cache_dir=None,
-                  progress: bool = True) -> tuple[list[dict], dict]:
-    """Prepared clusters of a dataset (cached) and a report ``{"source", "accepted", "rejected"}``."""
+                  progress: bool = True, min_packing: float | None = None) -> tuple[list[dict], dict]:
+    """Prepared clusters of a dataset (cached) and a report ``{"source", "accepted", "rejected"}``
+    (``min_packing``: see :func:`load_records`)."""
     source = resolve(data, data_root)
     files = sorted(source.path.glob("*.cif")) if source.kind == "cif" else \
         sorted((source.path / "raw").rglob("*.csv"))
     settings = {"v": CACHE_VERSION, "kind": source.kind, "ids": source.ids, "seed": seed,
                 "noise": asdict(noise_cfg) if noise_cfg is not None else "default"}
+    if min_packing is not None:  # only then, so that existing caches stay valid
+        settings["min_packing"] = float(min_packing)
     cache = Path(cache_dir or default_cache_dir()) / f"{source.name}-{_fingerprint(files, settings)}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
         return [_from_tensors(c) for c in blob["clusters"]], json.loads(blob["report"])
-    records, rejected = load_records(source, progress=progress)
+    records, rejected = load_records(source, progress=progress, min_packing=min_packing)
     clusters = []
     for r in records:
         try:

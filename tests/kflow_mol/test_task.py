@@ -133,3 +133,18 @@ def test_evaluate_reports_floors_without_model(clusters):
     res = evaluate(None, None, clusters[:2])
     assert res["do_nothing"]["pm_atom"] > res["symmetry_blind_oracle"]["pm_atom"] >= 0
     assert res["undo_mean_expansion"]["pm_center"] > 1.0
+
+
+def test_load_prepared_min_packing_rejects_loose_cells(tmp_path):
+    """A folder dataset applies the builder's packing check when asked: COD 2001925's cell holds fewer
+    molecules than a close-packed crystal needs, so it is rejected as ``loose_packing``; without the check it
+    is cut as before."""
+    src = tmp_path / "cifs"
+    src.mkdir()
+    for name in ("2001925.cif", "2000334.cif"):
+        shutil.copy(mini_dir() / "cifs" / name, src)
+    plain, rep0 = load_prepared(str(src), cache_dir=tmp_path / "c0", progress=False)
+    assert rep0["accepted"] == 2 and not rep0["rejected"]
+    kept, rep = load_prepared(str(src), cache_dir=tmp_path / "c1", progress=False, min_packing=0.5)
+    assert [c["id"] for c in kept] == ["2000334"]
+    assert [(r["id"], r["reason"]) for r in rep["rejected"]] == [("2001925", "loose_packing")]
