@@ -92,7 +92,7 @@ def batch1_timing(model_pt: Path, run_dir: Path, n: int = 3, steps: int = 50) ->
     """Seconds per cluster at batch 1 (50 steps), median over ``n`` test clusters, in this process."""
     import torch
 
-    from kflow_mol.cli import load_model
+    from kflow_mol.pipeline import load_model
     from kflow_mol.dataset import load_prepared, split_indices
     from kflow_mol.task import make_batch
 

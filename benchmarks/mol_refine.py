@@ -70,7 +70,7 @@ def main() -> None:
     clusters = clusters[: args.limit or None]
     cfg = RefineConfig(restraint=args.restraint)
     if args.ckpt:
-        from kflow_mol.cli import load_model
+        from kflow_mol.pipeline import load_model
         from kflow_mol.evaluate import predict_clusters
 
         model, task, *_ = load_model(args.ckpt)

@@ -19,7 +19,7 @@ import json
 import numpy as np
 import torch
 
-from kflow_mol.cli import load_model
+from kflow_mol.pipeline import load_model
 from kflow_mol.dataset import load_prepared, split_indices
 from kflow_mol.evaluate import evaluate
 from kflow_mol.rigid import rotation_error

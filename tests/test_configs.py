@@ -45,7 +45,7 @@ def test_top_level_configs_compose(name):
 
 @pytest.mark.parametrize("schedule", ["kflow", "flow", "hard"])
 def test_mol_config_builds_model_and_task(schedule):
-    from kflow_mol.cli import build_components
+    from kflow_mol.pipeline import build_components
 
     model, task, noise = build_components(compose("mol", [f"schedule={schedule}", "model=mol_tiny"]))
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -114,7 +114,7 @@ def test_model_file_cannot_call_foreign_targets(tmp_path, capsys, where):
 
     from kflow.cli import EXIT_BAD_INPUT
     from kflow.utils import load_checkpoint
-    from kflow_mol.cli import DEFAULT_MODEL
+    from kflow_mol.pipeline import DEFAULT_MODEL
 
     blob = load_checkpoint(DEFAULT_MODEL)
     cfg = json.loads(blob["config"])
@@ -246,7 +246,7 @@ def _bad_model_files(d):
     import torch
 
     from kflow.utils import load_checkpoint
-    from kflow_mol.cli import DEFAULT_MODEL
+    from kflow_mol.pipeline import DEFAULT_MODEL
 
     raw = DEFAULT_MODEL.read_bytes()
     blob = load_checkpoint(DEFAULT_MODEL)
