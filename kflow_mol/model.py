@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from e3nn import o3
 from e3nn.io import CartesianTensor
-from e3nn.nn import FullyConnectedNet, Gate
+from e3nn.nn import FullyConnectedNet, Gate, NormActivation
 from torch import nn
 from torch_geometric.utils import scatter
 
@@ -254,8 +254,10 @@ class _MolLayer(nn.Module):
             # direction, so without it a molecule's own orientation meets the lattice around it only by a
             # round trip through its neighbours (two layers deep). A turn towards a target set by the
             # packing is exactly such a product (own frame x environment frame).
-            self.self_x = o3.Linear(irreps_h, irreps_msg)
-            self.self_env = o3.Linear(irreps_agg, irreps_msg)
+            # Both factors are squashed to norm <= 1 per irrep (tanh of the norm): an unbounded product of two
+            # learned features blew up training on single batches (loss 1e4-1e7 at steps 220-420, measured).
+            self.self_x = nn.Sequential(o3.Linear(irreps_h, irreps_msg), NormActivation(irreps_msg, torch.tanh))
+            self.self_env = nn.Sequential(o3.Linear(irreps_agg, irreps_msg), NormActivation(irreps_msg, torch.tanh))
             self.self_tp = o3.FullyConnectedTensorProduct(irreps_msg, irreps_msg, irreps_msg)
             lin_in = lin_in + irreps_msg
         self.lin = o3.Linear(lin_in, self.gate.irreps_in)
