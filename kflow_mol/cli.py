@@ -145,7 +145,8 @@ def cmd_evaluate(args, extra) -> int:
     res = pipeline.evaluate(loaded, args.data or loaded.cfg.data.name, args.data_root or ov.data.root,
                             int(ov.data.split_seed), split=args.split, limit=args.limit,
                             solver=pipeline.solver_config(loaded.cfg, steps=args.steps, method=args.method),
-                            refine=args.refine, device=device, progress=not args.json)
+                            refine=args.refine, device=device, progress=not args.json,
+                            min_packing=ov.data.get("min_packing"))
     if args.json:
         from .evaluate import public
 

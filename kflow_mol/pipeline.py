@@ -170,9 +170,10 @@ class ClusterData:
         return {k: [self.clusters[i] for i in idx] for k, idx in split_indices(len(self.clusters), seed).items()}
 
 
-def load_data(name: str, root, noise, split_seed, log: Log = _stderr) -> ClusterData:
-    """Prepared clusters of a dataset; rejected inputs are logged in one line (count, reasons, the first)."""
-    clusters, report = load_prepared(name, root, noise, seed=split_seed)
+def load_data(name: str, root, noise, split_seed, log: Log = _stderr, min_packing: float | None = None) -> ClusterData:
+    """Prepared clusters of a dataset; rejected inputs are logged in one line (count, reasons, the first).
+    ``min_packing``: reject CIF cells packed looser than this (``data.min_packing``; None: no check)."""
+    clusters, report = load_prepared(name, root, noise, seed=split_seed, min_packing=min_packing)
     rej = rejection_summary(report.get("rejected", []))
     if rej["count"]:
         reasons = ", ".join(f"{k} {v}" for k, v in rej["by_reason"].items())
@@ -201,7 +202,7 @@ def train(cfg, resume: bool = False, log: Log = _stderr) -> TrainResult:
     check_device(tcfg.device)  # before the data is cut: a missing GPU is reported at once
     seed_everything(tcfg.seed)  # the model's initial weights too: identical commands give identical runs
     model, task, noise = build_components(cfg)
-    data = load_data(cfg.data.name, cfg.data.root, noise, cfg.data.split_seed, log)
+    data = load_data(cfg.data.name, cfg.data.root, noise, cfg.data.split_seed, log, cfg.data.get("min_packing"))
     split = data.split(cfg.data.split_seed)
     train_set, test = split["train"], split["test"]
     val = split["val"][: max(cfg.eval_clusters, 0) or None]
@@ -243,7 +244,7 @@ def train(cfg, resume: bool = False, log: Log = _stderr) -> TrainResult:
 
 def evaluate(loaded: LoadedModel, data: str, root, split_seed: int, split: str = "test", limit: int = 0,
              solver: SolverConfig | None = None, refine: bool = False, device="cpu", progress: bool = True,
-             log: Log = _stderr) -> dict:
+             log: Log = _stderr, min_packing: float | None = None) -> dict:
     """Metrics of a loaded model on a dataset split (``train``/``val``/``test``/``all``), beside the floors.
 
     Args:
@@ -252,12 +253,13 @@ def evaluate(loaded: LoadedModel, data: str, root, split_seed: int, split: str =
         limit: only the first ``limit`` clusters (0 = all).
         solver: the sampler (default: the model's ``solver`` config).
         refine: also refine every assembled cluster, scored separately as ``model_refined``.
+        min_packing: reject CIF cells packed looser than this (``data.min_packing``; None: no check).
 
     Returns:
         ``kflow_mol.evaluate.evaluate``'s result with ``checkpoint``, ``data``, ``split``, ``trained_on`` and
         ``rejected``.
     """
-    cd = load_data(data, root, loaded.noise, split_seed, log)
+    cd = load_data(data, root, loaded.noise, split_seed, log, min_packing)
     clusters = cd.clusters if split == "all" else cd.split(split_seed)[split]
     if limit:
         clusters = clusters[:limit]
