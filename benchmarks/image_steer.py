@@ -118,11 +118,11 @@ def cmd_restore(args) -> None:
                 print(json.dumps(r), flush=True)
                 show.append(img[:args.show])
                 labels.append(f"{name} {method} {'kappa<=' if method == 'bands' else 'k_start='}{par}")
-        png = OUT / f"restore_{kind}.png"
+        png = OUT / f"restore{args.tag}_{kind}.png"
         save_grid(torch.cat(show), png, nrow=args.show, scale=2)
-        (OUT / f"restore_{kind}_rows.txt").write_text("\n".join(labels) + "\n")
+        (OUT / f"restore{args.tag}_{kind}_rows.txt").write_text("\n".join(labels) + "\n")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "restore.json").write_text(json.dumps({**_meta(args, "restore"), "n": args.n,
+    (OUT / f"restore{args.tag}.json").write_text(json.dumps({**_meta(args, "restore"), "n": args.n,
                                                   "digits": f"held-out [9000, {9000 + args.n})",
                                                   "rows": rows}, indent=1))
 
@@ -247,10 +247,16 @@ def _ci(d, fmt="{:.1f}", scale=1.0) -> str:
 
 
 def cmd_table(args) -> None:
-    p = OUT / "restore.json"
-    if p.is_file():
+    rows = [r for p in sorted(OUT.glob("restore*.json")) for r in json.loads(p.read_text())["rows"]]
+    if rows:
         print("| degradation | model | method | PSNR dB | SSIM | classifier acc. % |\n|---|---|---|---|---|---|")
-        for r in json.loads(p.read_text())["rows"]:
+        seen = set()
+        for r in sorted(rows, key=lambda r: (r["degradation"], r["model"] != "-", r["model"], r["method"],
+                                             r["param"] or 0)):
+            key = (r["degradation"], r["model"], r["method"], r["param"])
+            if key in seen:  # the observation row of every file
+                continue
+            seen.add(key)
             par = "" if r["param"] is None else (f" κ ≤ {r['param']}" if r["method"] == "bands"
                                                  else f" from k = {r['param']}")
             print(f"| {r['degradation']} | {r['model']} | {r['method']}{par} | {_ci(r['psnr'], '{:.2f}')} | "
@@ -286,6 +292,7 @@ def main(argv=None) -> int:
     r.add_argument("--k-start", type=float, nargs="*", default=[0.3, 0.6])
     r.add_argument("--show", type=int, default=12)
     r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--tag", default="", help="suffix of the output files (restore{TAG}.json, ...)")
     c = sub.add_parser("classdrop")
     c.add_argument("runs", nargs="+")
     c.add_argument("--n-per-class", type=int, default=30)
