@@ -413,8 +413,8 @@ def class_drop_ratio_ci(full_feats, full_labels, drop_feats, drop_labels, real_f
 
     ``CDR = mean_c FD(drop_c, real_c) / FD(full_c, real_c)`` with :func:`frechet_psd` (stable at a few dozen
     samples per class). The interval resamples, within every class, the full, dropped and real sets
-    independently, and is the plain percentile interval of the bootstrap ratios (a ratio of two
-    equally-biased distances needs no re-centring).
+    independently, and is the plain percentile interval of the bootstrap ratios (not re-centred: at a few
+    dozen samples per class the estimate can sit near an end of it).
 
     Returns:
         ``{"cdr", "lo", "hi", "per_class": {c: ratio}, "fd_full": {c: fd}, "fd_drop": {c: fd}}``.

@@ -342,14 +342,14 @@ def test_class_drop_ratio_ci_separates_a_shifted_drop_from_a_redraw():
     from kflow_image.metrics import class_drop_ratio_ci
 
     rng = np.random.default_rng(0)
-    d, n = 4, 200
+    d, n = 4, 1000  # enough samples that a redraw's FD is within ~10 % of the first draw's
     lab = np.repeat([0, 1], n)
 
     def draw(shift=0.0):
         return rng.normal(size=(2 * n, d)) + shift + 3 * lab[:, None]
 
-    real, full = draw(), draw(0.3)
-    same = class_drop_ratio_ci(full, lab, draw(0.3), lab, real, lab, n_boot=100)
+    real, full = draw(), draw(0.5)
+    same = class_drop_ratio_ci(full, lab, draw(0.5), lab, real, lab, n_boot=100)
     worse = class_drop_ratio_ci(full, lab, draw(1.5), lab, real, lab, n_boot=100)
     assert same["lo"] < 1.0 < same["hi"] and set(same["per_class"]) == {0, 1}
     assert worse["cdr"] > 5 and worse["lo"] > 2
