@@ -557,14 +557,14 @@ class AssemblyNet(nn.Module):
         offdiag = (~eye).to(c.dtype)[..., None]
         for layer in self.layers:
             h = layer(h, sh, z, ev, offdiag)
-        out = self.head(h)  # (B, M, 6): 1o then 1e, e3nn order
+        out = self.head(h)  # (B, M, .): 1o (dc), then the rot_output irreps, e3nn order
         dc = out[..., 0:3][..., _FROM_E3NN] * self.pos_scale
-        omega = out[..., 3:6][..., _FROM_E3NN]
-        if self.rot_output == "matrix":
+        if self.rot_output == "matrix":  # 0e + 1e + 2e -> 3x3 -> nearest rotation
             A = torch.einsum("...i,ijk->...jk", out[..., 3:12], self.cart.to(out.dtype))
-            turn = roma.special_procrustes(torch.eye(3, dtype=A.dtype, device=A.device) + A)
-            omega = roma.rotmat_to_rotvec(turn)
-        elif self.rot_output == "quat":  # roma's quaternions are (x, y, z, w)
-            q = torch.cat([omega, 1.0 + out[..., 6:7]], dim=-1)
-            omega = roma.unitquat_to_rotvec(q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+            omega = roma.rotmat_to_rotvec(roma.special_procrustes(torch.eye(3, dtype=A.dtype, device=A.device) + A))
+        else:
+            omega = out[..., 3:6][..., _FROM_E3NN]
+            if self.rot_output == "quat":  # roma's quaternions are (x, y, z, w)
+                q = torch.cat([omega, 1.0 + out[..., 6:7]], dim=-1)
+                omega = roma.unitquat_to_rotvec(q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         return torch.cat([dc, omega], dim=-1)
