@@ -256,8 +256,10 @@ class _MolLayer(nn.Module):
             # packing is exactly such a product (own frame x environment frame).
             # Both factors are squashed to norm <= 1 per irrep (tanh of the norm): an unbounded product of two
             # learned features blew up training on single batches (loss 1e4-1e7 at steps 220-420, measured).
-            self.self_x = nn.Sequential(o3.Linear(irreps_h, irreps_msg), NormActivation(irreps_msg, torch.tanh))
-            self.self_env = nn.Sequential(o3.Linear(irreps_agg, irreps_msg), NormActivation(irreps_msg, torch.tanh))
+            def squashed(irreps_in):
+                return nn.Sequential(o3.Linear(irreps_in, irreps_msg), NormActivation(irreps_msg, torch.tanh))
+
+            self.self_x, self.self_env = squashed(irreps_h), squashed(irreps_agg)
             self.self_tp = o3.FullyConnectedTensorProduct(irreps_msg, irreps_msg, irreps_msg)
             lin_in = lin_in + irreps_msg
         self.lin = o3.Linear(lin_in, self.gate.irreps_in)
@@ -561,7 +563,8 @@ class AssemblyNet(nn.Module):
         dc = out[..., 0:3][..., _FROM_E3NN] * self.pos_scale
         if self.rot_output == "matrix":  # 0e + 1e + 2e -> 3x3 -> nearest rotation
             A = torch.einsum("...i,ijk->...jk", out[..., 3:12], self.cart.to(out.dtype))
-            omega = roma.rotmat_to_rotvec(roma.special_procrustes(torch.eye(3, dtype=A.dtype, device=A.device) + A))
+            eye = torch.eye(3, dtype=A.dtype, device=A.device)
+            omega = roma.rotmat_to_rotvec(roma.special_procrustes(eye + A))
         else:
             omega = out[..., 3:6][..., _FROM_E3NN]
             if self.rot_output == "quat":  # roma's quaternions are (x, y, z, w)
