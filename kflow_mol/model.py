@@ -306,7 +306,10 @@ class AssemblyNet(nn.Module):
             ``w`` and the ``1e`` vector ``v`` form the quaternion ``(1 + w, v)``, normalised: a 180° turn is
             ``w = -1`` rather than a vector of length exactly pi) or ``matrix`` (``0e + 1e + 2e`` give a 3x3
             lab-frame matrix ``I + A``, projected onto SO(3) by special Procrustes: the relative turn is a
-            *linear* function of the features, any angle equally easy; needs ``hidden_l2 > 0``).
+            *linear* function of the features, any angle equally easy; needs ``hidden_l2 > 0``)
+            or ``anchor`` (``matrix`` plus ``sum_j v_j (R u_j)^T``: the head also predicts where each pooled body
+            vector ``u_j`` of the shape should point in the lab, an absolute target independent of the current
+            ``R``; the turn is the rotation that best takes the current vectors there).
         self_interaction: add a node x environment tensor product to every molecule-level layer (see
             :class:`_MolLayer`).
     """
@@ -335,10 +338,10 @@ class AssemblyNet(nn.Module):
         self_interaction: bool = False,
     ):
         super().__init__()
-        if rot_output not in ("rotvec", "quat", "matrix"):
-            raise ValueError(f"rot_output must be 'rotvec', 'quat' or 'matrix', got '{rot_output}'")
-        if rot_output == "matrix" and hidden_l2 <= 0:
-            raise ValueError("rot_output='matrix' needs hidden_l2 > 0 (the symmetric part of the turn is 2e)")
+        if rot_output not in ("rotvec", "quat", "matrix", "anchor"):
+            raise ValueError(f"rot_output must be 'rotvec', 'quat', 'matrix' or 'anchor', got '{rot_output}'")
+        if rot_output in ("matrix", "anchor") and hidden_l2 <= 0:
+            raise ValueError(f"rot_output='{rot_output}' needs hidden_l2 > 0 (the symmetric part of the turn is 2e)")
         self.rot_output = rot_output
         self.node_feature_dim = node_feature_dim
         self.rc, self.tau, self.K = contact_cutoff, softmin_tau, contact_rbf
@@ -382,9 +385,10 @@ class AssemblyNet(nn.Module):
             [_MolLayer(self.irreps_h, self.irreps_msg, self.irreps_sh, self.irreps_evh, 64, hidden_scalars,
                        self_interaction) for _ in range(mol_layers)]
         )
-        head = {"rotvec": "1x1o+1x1e", "quat": "1x1o+1x1e+1x0e", "matrix": "1x1o+1x0e+1x1e+1x2e"}[rot_output]
+        head = {"rotvec": "1x1o+1x1e", "quat": "1x1o+1x1e+1x0e", "matrix": "1x1o+1x0e+1x1e+1x2e",
+                "anchor": f"1x1o+1x0e+1x1e+1x2e+{enc_vectors}x1o+{enc_vectors}x1e"}[rot_output]
         self.head = o3.Linear(self.irreps_h, o3.Irreps(head))
-        if rot_output == "matrix":
+        if rot_output in ("matrix", "anchor"):
             # (9, 3, 3) change of basis 0e+1e+2e -> Cartesian 3x3; a buffer outside the state dict
             self.register_buffer("cart", CartesianTensor("ij").to_cartesian(torch.eye(9)), persistent=False)
 
@@ -561,10 +565,18 @@ class AssemblyNet(nn.Module):
             h = layer(h, sh, z, ev, offdiag)
         out = self.head(h)  # (B, M, .): 1o (dc), then the rot_output irreps, e3nn order
         dc = out[..., 0:3][..., _FROM_E3NN] * self.pos_scale
-        if self.rot_output == "matrix":  # 0e + 1e + 2e -> 3x3 -> nearest rotation
+        if self.rot_output in ("matrix", "anchor"):  # 0e + 1e + 2e -> 3x3 -> nearest rotation
             A = torch.einsum("...i,ijk->...jk", out[..., 3:12], self.cart.to(out.dtype))
-            eye = torch.eye(3, dtype=A.dtype, device=A.device)
-            omega = roma.rotmat_to_rotvec(roma.special_procrustes(eye + A))
+            A = A + torch.eye(3, dtype=A.dtype, device=A.device)
+            if self.rot_output == "anchor":
+                # Absolute target frame: the head says where the shape's body vectors u_j should point in the
+                # lab (v_j); sum_j v_j (R_k u_j)^T is the (unnormalised) turn taking the current vectors onto
+                # them. The network then predicts an orientation set by the packing, which does not depend on
+                # the random current R_k, instead of composing it with R_k^T itself. Symmetric shapes whose
+                # pooled vectors vanish (D2h acenes) fall back on the relative term I + A.
+                v = out[..., 12:].reshape(B, M, -1, 3)[..., _FROM_E3NN]
+                A = A + torch.einsum("bmvi,bmvj->bmij", v, body)
+            omega = roma.rotmat_to_rotvec(roma.special_procrustes(A))
         else:
             omega = out[..., 3:6][..., _FROM_E3NN]
             if self.rot_output == "quat":  # roma's quaternions are (x, y, z, w)
