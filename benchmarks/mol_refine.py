@@ -22,9 +22,9 @@ import numpy as np
 from kflow_mol.dataset import load_prepared, split_indices
 from kflow_mol.evaluate import refine_positions
 from kflow_mol.metrics import evaluate_cluster, intermolecular_clashes
-from kflow_mol.noise import random_rotation_np
+from kflow_mol.molecule import bond_graph
 from kflow_mol.refine import RefineConfig
-from kflow_mol.symmetry import bond_graph
+from kflow_mol.so3 import random_rotation_np
 
 
 def h_bond_donor(species: np.ndarray, pos: np.ndarray) -> bool:
@@ -70,8 +70,8 @@ def main() -> None:
     clusters = clusters[: args.limit or None]
     cfg = RefineConfig(restraint=args.restraint)
     if args.ckpt:
-        from kflow_mol.pipeline import load_model
         from kflow_mol.evaluate import predict_clusters
+        from kflow_mol.pipeline import load_model
 
         model, task, *_ = load_model(args.ckpt)
         starts, _ = predict_clusters(model, task, clusters)

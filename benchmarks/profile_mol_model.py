@@ -42,18 +42,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kflow_mol import so3
 from kflow_mol.batch import RigidState, collate
+from kflow_mol.data import N_MOLECULES as M
 from kflow_mol.model import AssemblyNet
-
-M = 17
-
-
-def _random_rotations(shape, gen) -> torch.Tensor:
-    q = torch.randn(*shape, 4, generator=gen)
-    q = q / q.norm(dim=-1, keepdim=True)
-    import roma
-
-    return roma.unitquat_to_rotmat(q)
 
 
 def synthetic_clusters(num: int, n_min: int, n_max: int, seed: int = 0) -> list[dict]:
@@ -83,7 +75,6 @@ def synthetic_clusters(num: int, n_min: int, n_max: int, seed: int = 0) -> list[
 
 def real_clusters(shared: Path, num: int, n_min: int, n_max: int) -> list[dict]:
     """Clusters cut from the pyxtal test CIFs, molecules with ``n_min <= n <= n_max`` atoms."""
-    from kflow_mol import so3
     from kflow_mol.cif import cluster_from_cif
     from kflow_mol.data import BuildError
     from kflow_mol.frames import body_coordinates
@@ -114,7 +105,7 @@ def states(clusters: list[dict], loose: bool, seed: int = 0) -> RigidState:
     if "R" in clusters[0] and not loose:
         R = torch.stack([torch.as_tensor(cl["R"], dtype=torch.float32) for cl in clusters])
     else:
-        R = _random_rotations((len(clusters), M), gen)
+        R = so3.random_rotation((len(clusters), M), gen, dtype=torch.float32)
     if loose:
         centre = c.mean(1, keepdim=True)
         c = centre + 2.0 * (c - centre) + 3.0 * torch.randn(c.shape, generator=gen)

@@ -23,9 +23,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-__all__ = ["ClusterBatch", "RigidState", "collate"]
+from .data import N_MOLECULES
 
-N_MOLS = 17
+__all__ = ["ClusterBatch", "RigidState", "collate"]
 
 
 @dataclass
@@ -84,7 +84,7 @@ class ClusterBatch:
     pad_index: torch.Tensor
     pad_mask: torch.Tensor
     num_clusters: int
-    num_mols: int = N_MOLS
+    num_mols: int = N_MOLECULES
     body: torch.Tensor | None = None
     template_shape: torch.Tensor | None = None
     shape_cluster: torch.Tensor | None = None
@@ -177,7 +177,7 @@ def _as_tensor(x, dtype) -> torch.Tensor:
 
 
 def collate(
-    items: Sequence[tuple], num_mols: int = N_MOLS, dtype: torch.dtype | None = None, center_tol: float = 1e-3
+    items: Sequence[tuple], num_mols: int = N_MOLECULES, dtype: torch.dtype | None = None, center_tol: float = 1e-3
 ) -> ClusterBatch:
     """Build a :class:`ClusterBatch` from per-cluster templates.
 

@@ -10,8 +10,8 @@ Pipeline (all deterministic, vectorised over atom pairs):
    ``_atom_site_type_symbol`` when present, before the possibly expensive symmetry expansion).
 2. Elements: only :data:`ORGANIC_ELEMENTS` (H, B, C, N, O, F, Si, P, S, Cl, Se, Br, I); metals ->
    ``metal``, anything else -> ``element``; no H at all -> ``no_hydrogen``.
-3. Bonds by covalent radii (ASE/Cordero): ``d < r_i + r_j + 0.4 A`` across periodic images (pymatgen's
-   C neighbour list). Molecules are the connected components; each is unwrapped by a breadth-first walk
+3. Bonds by the one bond rule of :mod:`kflow_mol.molecule` (``d < r_i + r_j + 0.4 A``, Cordero radii) across
+   periodic images (pymatgen's C neighbour list). Molecules are the connected components; each is unwrapped by a breadth-first walk
    that carries the lattice image of every atom. An edge whose image disagrees with the walk means the
    component is bonded to its own periodic image -> ``polymeric``.
 4. All molecules in the cell must have the same composition (else ``multiple_components``), at most
@@ -50,20 +50,19 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from ase.data import atomic_numbers, covalent_radii
-from scipy.optimize import linear_sum_assignment
+from ase.data import atomic_numbers
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 
 from .data import MAX_COORDINATE, N_MOLECULES, OVERLAP_DISTANCE, BuildError, ClusterRecord
 from .frames import frame_from_vectors
 from .limits import CifLimits
+from .molecule import BOND_TOLERANCE, assign, bond_cutoff, bond_graph, components
 from .so3 import kabsch_np
 
 #: Elements accepted in a molecule (organic set). Metals and noble gases, As, Te, etc. are rejected.
 ORGANIC_ELEMENTS = frozenset({"H", "B", "C", "N", "O", "F", "Si", "P", "S", "Cl", "Se", "Br", "I"})
 
-BOND_TOLERANCE = 0.4  # A added to the sum of covalent radii (the CSD convention)
 # A: a copy must be a rigid image of the template within this RMSD. 0.15 A accepts near-achiral molecules
 # whose crystal conformation is very slightly chiral (e.g. a pyramidal NH2 on a planar ring: 0.07-0.1 A)
 # and Z' = 2 copies of rigid molecules (0.05 A); real conformer differences are >> 0.2 A.
@@ -537,10 +536,7 @@ def check_molecule(path, species, positions=None, max_atoms: int = 200, allowed_
     if sv[1] < 0.1:
         raise BuildError(path, "flat_molecule",
                          f"molecule with {n} atoms is linear (extents {np.round(sv, 3).tolist()} A)")
-    r = covalent_radii[z]
-    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
-    adj = (d < r[:, None] + r[None] + bond_tolerance) & ~np.eye(n, dtype=bool)
-    n_comp, labels = connected_components(coo_matrix(adj), directed=False)
+    n_comp, labels = components(z, x, bond_tolerance)
     if n_comp > 1:
         forms = ["".join(f"{e}{k}" for e, k in _formula_counts(z[labels == c])) for c in range(n_comp)]
         raise BuildError(path, "multiple_components", f"the molecule falls apart into {n_comp} bonded "
@@ -558,8 +554,7 @@ def _molecules(path, structure, numbers: np.ndarray, bond_tolerance: float):
         shifts: ``(N, 3)`` int lattice image that makes every component whole.
     """
     labels_ = [getattr(site, "label", None) or f"#{i}" for i, site in enumerate(structure)]
-    radii = covalent_radii[numbers]
-    rmax = 2 * radii.max() + bond_tolerance
+    rmax = bond_cutoff(numbers, numbers, bond_tolerance).max()  # the longest possible bond
     ci, pi, img, d = structure.get_neighbor_list(r=float(rmax), numerical_tol=1e-8, exclude_self=True)
     img = np.rint(img).astype(np.int64)
     close = d < OVERLAP_DISTANCE
@@ -568,7 +563,7 @@ def _molecules(path, structure, numbers: np.ndarray, bond_tolerance: float):
         raise BuildError(path, "disorder",
                          f"atoms {labels_[ci[k]]} and {labels_[pi[k]]} are {d[k]:.2f} A apart after symmetry expansion "
                          "(overlapping/alternative positions)")
-    bonded = d < radii[ci] + radii[pi] + bond_tolerance
+    bonded = d < bond_cutoff(numbers[ci], numbers[pi], bond_tolerance)
     ci, pi, img = ci[bonded], pi[bonded], img[bonded]
     n = len(numbers)
     if np.any(ci == pi):
@@ -612,17 +607,6 @@ def _anchors(X: np.ndarray, species: np.ndarray, dtol: float) -> tuple[int, int]
     return a, b
 
 
-def _assign(Z: np.ndarray, Y: np.ndarray, sz: np.ndarray, sy: np.ndarray) -> np.ndarray:
-    """Species-constrained atom correspondence ``perm`` with ``Y[perm] ~ Z`` (nearest, else Hungarian)."""
-    D = np.linalg.norm(Z[:, None, :] - Y[None, :, :], axis=-1)
-    D = D + 1e6 * (sz[:, None] != sy[None, :])
-    perm = D.argmin(1)
-    if len(np.unique(perm)) == len(perm):
-        return perm
-    _, perm = linear_sum_assignment(D)
-    return perm
-
-
 def match_rigid(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np.ndarray | None = None,
                 tol: float = RMSD_TOL):
     """Find an atom correspondence making ``Y`` a *proper* rigid motion of the template ``X``.
@@ -655,7 +639,7 @@ def match_rigid(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
     # each anchor pair gives one candidate proper rotation; candidates ~ the molecule's point-group order
     for i, j in zip(ca[ia].tolist(), cb[ib].tolist()):
         R0 = frame_from_vectors(Yc[i], Yc[j]) @ Fx.T
-        perm = _assign(Xc @ R0.T, Yc, species, species_y)
+        perm = assign(Xc @ R0.T, Yc, species, species_y)
         R, rmsd = kabsch_np(Xc, Yc[perm])
         if best is None or rmsd < best[2] - 1e-9:
             best = (perm, R, rmsd)
@@ -664,13 +648,6 @@ def match_rigid(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
     if best is None or best[2] > tol:
         return None
     return best
-
-
-def _bonds(species: np.ndarray, X: np.ndarray, bond_tolerance: float = BOND_TOLERANCE) -> np.ndarray:
-    """Covalent bond adjacency of one molecule (the criterion that split the cell into molecules)."""
-    r = covalent_radii[species]
-    d = np.linalg.norm(X[:, None] - X[None], axis=-1)
-    return (d < r[:, None] + r[None] + bond_tolerance) & ~np.eye(len(X), dtype=bool)
 
 
 def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np.ndarray,
@@ -689,7 +666,7 @@ def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
         isomorphic (different molecules).
     """
     species, species_y = np.asarray(species), np.asarray(species_y)
-    ax, ay = _bonds(species, X, bond_tolerance), _bonds(species_y, Y, bond_tolerance)
+    ax, ay = bond_graph(species, X, bond_tolerance), bond_graph(species_y, Y, bond_tolerance)
     if ax.sum() != ay.sum():
         return None
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
@@ -705,7 +682,7 @@ def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
     _, Ux = np.linalg.eigh(Xc.T @ Xc)
     _, Uy = np.linalg.eigh(Yc.T @ Yc)
     for signs in np.array(np.meshgrid([1, -1], [1, -1], [1, -1])).T.reshape(-1, 3):
-        perm = _assign(Xc @ Ux * signs, Yc @ Uy, species, species_y)
+        perm = assign(Xc @ Ux * signs, Yc @ Uy, species, species_y)
         for _ in range(4):  # alternate fit and assignment (ICP): side chains that moved find their atoms
             if ok(perm):
                 r = fit(perm)
@@ -713,7 +690,7 @@ def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
                     best = (perm, r)
                 break
             R = kabsch_np(Xc, Yc[perm], proper=bool(np.prod(signs) > 0))[0]
-            perm = _assign(Xc @ R.T, Yc, species, species_y)
+            perm = assign(Xc @ R.T, Yc, species, species_y)
     if best is not None:
         return best
     import networkx as nx

@@ -22,8 +22,15 @@ import numpy as np
 
 from kflow.utils import atomic_write_text
 
-from .data import (N_MOLECULES, BuildError, ClusterRecord, check_coordinates, numbers_to_symbols,
-                   symbols_to_numbers)
+from .data import (
+    N_MOLECULES,
+    BuildError,
+    ClusterRecord,
+    check_coordinates,
+    numbers_to_symbols,
+    symbols_to_numbers,
+)
+from .molecule import components
 from .so3 import kabsch_np
 
 HEADER = "mol_idx,atom_type,x,y,z"
@@ -304,16 +311,9 @@ def _read_cluster_xyz(path, n_molecules: int = N_MOLECULES, tol: float = 0.05):
         Zb, Xb = Z.reshape(n_molecules, n), X.reshape(n_molecules, n, 3)
         if np.all(Zb == Zb[0]) and all(kabsch_np(Xb[0], Xb[m])[1] < tol for m in range(n_molecules)):
             return Zb[0].astype(np.int64), Xb.copy()
-    from ase.data import covalent_radii
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    from .cif import match_rigid
 
-    from .cif import BOND_TOLERANCE, match_rigid
-
-    r = covalent_radii[Z]
-    D = np.linalg.norm(X[:, None] - X[None], axis=-1)
-    adj = (D < r[:, None] + r[None] + BOND_TOLERANCE) & ~np.eye(N, dtype=bool)
-    nc, lab = connected_components(coo_matrix(adj), directed=False)
+    nc, lab = components(Z, X)
     if nc != n_molecules:
         raise BuildError(path, "bad_input", f"{N} atoms form {nc} bonded molecules, expected {n_molecules} "
                          "(add a mol_idx column via extended XYZ, or order the atoms molecule by molecule)")

@@ -269,12 +269,6 @@ def intermolecular_clashes(pred: Any, species: Any, fraction: float = CLASH_FRAC
             "clash_fraction": float(fraction)}
 
 
-def _superpose(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """P (K, 3) moved by the optimal proper rigid motion onto Q (K, 3)."""
-    R = so3.kabsch(torch.from_numpy(P), torch.from_numpy(Q)).numpy()
-    return (P - P.mean(0)) @ R.T + Q.mean(0)
-
-
 def match_molecules(pred: Any, true: Any, max_iter: int = 10, return_candidates: bool = False):
     """Assign predicted molecules to true molecules (see the module docstring).
 
@@ -420,7 +414,7 @@ def cluster_rmsd(pred: Any, true: Any) -> float:
     p, t = _cluster(pred, "pred").reshape(-1, 3), _cluster(true, "true").reshape(-1, 3)
     if not np.all(np.isfinite(p)):
         return float("nan")
-    return float(np.sqrt(np.mean(np.sum((_superpose(p, t) - t) ** 2, axis=1))))
+    return so3.kabsch_np(p, t)[1]
 
 
 def compack_matched(

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LooseConfig", "make_loose", "random_rotation_np", "undo_mean_expansion"]
+from .so3 import random_rotation_np
+
+__all__ = ["LooseConfig", "make_loose", "undo_mean_expansion"]
 
 
 @dataclass
@@ -61,30 +63,6 @@ class LooseConfig:
             )
         if self.jitter < 0 or self.min_distance < 0 or self.max_tries < 1:
             raise ValueError(f"LooseConfig: invalid values {self}")
-
-
-def random_rotation_np(rng: np.random.Generator, size: int | None = None) -> np.ndarray:
-    """Uniform (Haar) random rotation matrices from a normalised 4-D Gaussian quaternion.
-
-    Args:
-        rng: numpy generator.
-        size: number of matrices (``None``: a single ``(3, 3)``).
-
-    Returns:
-        ``(3, 3)`` or ``(size, 3, 3)``.
-    """
-    q = rng.standard_normal((1 if size is None else size, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    w, x, y, z = q.T
-    R = np.stack(
-        [
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        -2,
-    )
-    return R[0] if size is None else R
 
 
 def _check(final: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from kflow.train import TrainConfig, Trainer
 from kflow.utils import atomic_save, atomic_write_text, load_checkpoint, seed_everything
 
 from .cif import cluster_from_cif
-from .data import BuildError, ClusterRecord
+from .data import N_MOLECULES, BuildError, ClusterRecord
 from .dataset import load_prepared, prepare, rejection_summary, split_indices
 from .evaluate import evaluate as evaluate_clusters
 from .evaluate import pm_histogram, public, refine_positions, verdict
@@ -332,12 +332,12 @@ def read_input(path: str | None = None, smiles: str | None = None, seed: int = 0
 
 
 def _single(species, pos, name) -> ClusterRecord:
-    """A single molecule: 17 copies on a loose cubic-ish arrangement to be packed (no reference)."""
+    """A single molecule: ``N_MOLECULES`` copies on a loose cubic-ish arrangement to be packed (no reference)."""
     pos = np.asarray(pos, dtype=np.float64)
     pos = pos - pos.mean(0)
     r = np.linalg.norm(pos, axis=1).max() + 1.5
     g = np.array([(i, j, l) for i in (-1, 0, 1) for j in (-1, 0, 1) for l in (-1, 0, 1)], dtype=float)
-    g = g[np.argsort(np.linalg.norm(g, axis=1), kind="stable")][:17]
+    g = g[np.argsort(np.linalg.norm(g, axis=1), kind="stable")][:N_MOLECULES]
     final = pos[None] + 2 * r * g[:, None]  # a non-overlapping placeholder "packing": only the shapes matter
     return ClusterRecord(name, np.asarray(species, dtype=np.int64), final, None, {"source": name, "single": True})
 

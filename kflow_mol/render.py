@@ -1,7 +1,7 @@
 """Pictures of clusters: loose / assembled / reference side by side (matplotlib, no display needed).
 
 Each panel is an orthographic ball-and-stick drawing: atoms in Jmol element colours (ASE's ``jmol_colors``),
-bonds from the project's one bond rule (:func:`kflow_mol.symmetry.bond_graph`) drawn as half-sticks in the
+bonds from the project's one bond rule (:func:`kflow_mol.molecule.bond_graph`) drawn as half-sticks in the
 colours of their two atoms, everything painted back to front with far atoms faded (a depth cue). Every panel
 uses the same view direction and the same scale, so a loose cluster looks as spread out as it is; a scale
 bar in Å sits in each panel's corner.
@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from kflow_mol.molecule import bond_graph, covalent_radii
 
 PANEL_W, PANEL_H, DPI = 4.4, 5.4, 100  # inches per panel, dots per inch: the PNG is (440 k) x 540 pixels
 FOG = 0.5  # how far the farthest atoms are blended towards white
@@ -27,9 +29,7 @@ def atom_colors(species: np.ndarray) -> np.ndarray:
 
 def atom_radii(species: np.ndarray) -> np.ndarray:
     """Drawn ball radii (Å): half the covalent radius, at least 0.2 Å (so H stays visible)."""
-    from ase.data import covalent_radii
-
-    return np.maximum(0.5 * np.asarray(covalent_radii)[np.asarray(species, dtype=np.int64)], 0.2)
+    return np.maximum(0.5 * covalent_radii(species), 0.2)
 
 
 def hill_formula(species: np.ndarray) -> str:
@@ -87,8 +87,6 @@ def render_clusters(panels: dict[str, np.ndarray], species: np.ndarray, png: str
     from matplotlib.collections import PatchCollection
     from matplotlib.lines import Line2D
     from matplotlib.patches import Circle, Polygon
-
-    from kflow_mol.symmetry import bond_graph
 
     species = np.asarray(species, dtype=np.int64)
     notes = notes or {}

@@ -255,7 +255,7 @@ def closest_equivalent_rotation(R1: Tensor, R0: Tensor, symmetries: Tensor,
 
     If the body-frame rotation ``S_g`` maps the template onto itself (``S_g t_a = t_{perm_g(a)}``), the
     orientation ``R1 S_g`` places the same atoms at the same positions up to relabelling: the same crystal.
-    We pick ``argmax_g tr(R1 S_g R0^T)``, i.e. the smallest rotation angle away from ``R0``.
+    We pick the one at the smallest rotation angle away from ``R0`` (:func:`kflow_mol.so3.closest`).
 
     Args:
         R1: ``(B, M, 3, 3)`` target orientations; R0: ``(B, M, 3, 3)`` current orientations.
@@ -268,9 +268,7 @@ def closest_equivalent_rotation(R1: Tensor, R0: Tensor, symmetries: Tensor,
     """
     per_copy = symmetries.ndim == 5
     cand = R1[:, :, None] @ (symmetries if per_copy else symmetries[:, None]).to(R1.dtype)  # (B, M, G, 3, 3)
-    tr = (cand * R0[:, :, None]).sum((-1, -2))  # tr(A B^T) = sum(A * B)
-    if sym_mask is not None:
-        tr = torch.where(sym_mask if per_copy else sym_mask[:, None, :], tr, torch.full_like(tr, -torch.inf))
-    idx = tr.argmax(-1)
+    mask = None if sym_mask is None else (sym_mask if per_copy else sym_mask[:, None, :])
+    idx = so3.closest(cand, R0, mask)
     best = torch.gather(cand, 2, idx[:, :, None, None, None].expand(-1, -1, 1, 3, 3)).squeeze(2)
     return best, idx

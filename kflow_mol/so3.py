@@ -1,5 +1,10 @@
 """SO(3) helpers for rigid molecules, batched over leading dimensions (torch, float32/float64).
 
+Every rotation utility of the package lives here: the exp/log maps, Kabsch fits (:func:`kabsch`, batched torch;
+:func:`kabsch_np`, its numpy twin for per-molecule loops, also with reflections), Haar random rotations
+(:func:`random_rotation`, torch; :func:`random_rotation_np`, a numpy generator's stream), geodesic distances and
+the choice of the closest among candidate rotations (:func:`closest`, behind both symmetry-aware relabellings).
+
 Rotation vectors (axis * angle) are the Lie-algebra coordinates used by the rigid K-path. The maps go
 through unit quaternions (``roma``), which keeps them stable both near the identity and near angle pi.
 """
@@ -9,7 +14,8 @@ import numpy as np
 import roma
 import torch
 
-__all__ = ["exp", "geodesic_distance", "hat", "kabsch", "log", "random_rotation"]
+__all__ = ["closest", "exp", "geodesic_distance", "hat", "kabsch", "kabsch_np", "log", "random_rotation",
+           "random_rotation_np"]
 
 
 def hat(omega: torch.Tensor) -> torch.Tensor:
@@ -121,6 +127,33 @@ def random_rotation(
     return roma.unitquat_to_rotmat(q)
 
 
+def random_rotation_np(rng: np.random.Generator, size: int | None = None) -> np.ndarray:
+    """Uniform (Haar) random rotation matrices from a numpy generator (normalised 4-D Gaussian quaternions).
+
+    The numpy twin of :func:`random_rotation` for code that draws from a ``np.random.Generator`` stream (the
+    loose-cluster noise model): one ``standard_normal((size, 4))`` draw per call.
+
+    Args:
+        rng: numpy generator.
+        size: number of matrices (``None``: a single ``(3, 3)``).
+
+    Returns:
+        ``(3, 3)`` or ``(size, 3, 3)``.
+    """
+    q = rng.standard_normal((1 if size is None else size, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    w, x, y, z = q.T
+    R = np.stack(
+        [
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        -2,
+    )
+    return R[0] if size is None else R
+
+
 def geodesic_distance(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
     """Angle (radians, in [0, pi]) of the relative rotation ``R1^T R2``.
 
@@ -132,6 +165,30 @@ def geodesic_distance(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
     """
     # |R2 - R1|_F = 2 sqrt(2) sin(alpha / 2): accurate near 0, unlike acos((tr - 1) / 2).
     return roma.rotmat_geodesic_distance(R1, R2)
+
+
+def closest(candidates: torch.Tensor, R: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the candidate rotation closest (geodesic angle) to ``R``, per leading index.
+
+    The one choice behind the symmetry-aware relabellings: among symmetry-equivalent orientations
+    (:func:`kflow_mol.rigid.closest_equivalent_rotation`, rotation space) or symmetry-relabelled positions
+    (:func:`kflow_mol.symmetry.closest_equivalent`, whose candidates are Kabsch fits compared with the identity).
+    Numerically tied angles (within 1e-9 rad) go to the lowest index, so the identity, first, wins.
+
+    Args:
+        candidates: ``(..., G, 3, 3)`` rotations.
+        R: ``(..., 3, 3)`` reference rotations (broadcast against the leading dims).
+        mask: optional ``(..., G)`` bool, the candidates that may be chosen (padding excluded).
+
+    Returns:
+        ``(...)`` long index into ``G``.
+    """
+    G = candidates.shape[-3]
+    angle = geodesic_distance(candidates, R.unsqueeze(-3).to(candidates.dtype))
+    angle = angle + 1e-9 * torch.arange(G, dtype=angle.dtype, device=angle.device)
+    if mask is not None:
+        angle = torch.where(mask, angle, torch.full_like(angle, torch.inf))
+    return angle.argmin(-1)
 
 
 def kabsch_np(P: np.ndarray, Q: np.ndarray, proper: bool = True) -> tuple[np.ndarray, float]:

@@ -13,7 +13,7 @@ atoms: take a reference pair ``(a, b)`` from the smallest classes of atoms with 
 distance to the centroid, enumerate every candidate image pair ``(a', b')`` with matching species, radii
 and ``|a - b|``, build the rotation from the two frames, match atoms species by species (Hungarian on
 distances), refine the rotation by Kabsch on the full permutation and accept it when the RMSD is below
-``tol`` and the permutation preserves the covalent bond graph. This finds every point group (including
+``tol`` and the permutation preserves the covalent bond graph (:mod:`kflow_mol.molecule`'s bond rule). This finds every point group (including
 cubic ones, e.g. adamantane) with at most ``|class(a)| * |class(b)|`` Hungarian solves.
 
 Convention: ``rotations[g] @ x[a] ~= x[perms[g, a]]`` for centred coordinates ``x``; the identity is first.
@@ -24,51 +24,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from kflow_mol import so3
 from kflow_mol.frames import frame_from_vectors
+from kflow_mol.molecule import assign, bond_graph
 from kflow_mol.so3 import kabsch_np
 
-__all__ = ["automorphisms", "bond_graph", "closest_equivalent", "graph_automorphism_count", "point_group_order"]
-
-
-def _covalent_radii(species: np.ndarray) -> np.ndarray:
-    from ase.data import covalent_radii  # Cordero et al. 2008, every element
-
-    species = np.asarray(species, dtype=np.int64)
-    if species.min() < 1 or species.max() >= len(covalent_radii):
-        raise ValueError(f"atomic numbers out of range: {sorted(set(species.tolist()))}")
-    return covalent_radii[species]
-
-
-def bond_graph(species: np.ndarray, pos: np.ndarray, scale: float = 1.15) -> np.ndarray:
-    """Covalent bond adjacency: ``d_ab < scale * (r_a + r_b)``.
-
-    Args:
-        species: ``(n,)`` atomic numbers.
-        pos: ``(n, 3)`` positions (Å).
-        scale: tolerance factor on the sum of covalent radii.
-
-    Returns:
-        ``(n, n)`` bool adjacency without self loops.
-    """
-    r = _covalent_radii(species)
-    d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
-    adj = d < scale * (r[:, None] + r[None])
-    np.fill_diagonal(adj, False)
-    return adj
-
-
-def _match(species: np.ndarray, moved: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Permutation p with moved[a] ~ x[p[a]], matching only atoms of the same species (Hungarian)."""
-    perm = np.empty(len(species), dtype=np.int64)
-    for z in np.unique(species):
-        idx = np.flatnonzero(species == z)
-        cost = np.linalg.norm(moved[idx, None] - x[None, idx], axis=-1)
-        rows, cols = linear_sum_assignment(cost)
-        perm[idx[rows]] = idx[cols]
-    return perm
+__all__ = ["automorphisms", "closest_equivalent", "graph_automorphism_count"]
 
 
 def automorphisms(
@@ -88,7 +50,8 @@ def automorphisms(
             ``tol`` Å (after refining the rotation on all atoms).
         class_tol: tolerance (Å) for grouping atoms by distance to the centroid when generating candidates;
             default ``max(0.3, 3 * tol)`` so that no near-symmetry within ``tol`` RMSD is missed.
-        check_bonds: also require the permutation to preserve the covalent bond graph.
+        check_bonds: also require the permutation to preserve the covalent bond graph
+            (:func:`kflow_mol.molecule.bond_graph`).
         closure_slack: the accepted rotations are completed to the group they generate; its extra elements
             must fit within ``closure_slack * tol`` (else the worst generator is dropped), so the result is
             always a group.
@@ -113,7 +76,7 @@ def automorphisms(
     accepted: dict[tuple[int, ...], tuple[float, np.ndarray]] = {tuple(range(n)): (0.0, np.eye(3))}
 
     def consider(R0: np.ndarray) -> None:
-        perm = _match(species, x @ R0.T, x)
+        perm = assign(x @ R0.T, x, species)
         key = tuple(perm.tolist())
         if key in accepted or len(set(key)) != n:
             return
@@ -210,11 +173,6 @@ def _close_group(
         del gens[worst]
 
 
-def point_group_order(species: np.ndarray, pos: np.ndarray, tol: float = 0.1) -> int:
-    """Order of the proper point group of a rigid molecule (see :func:`automorphisms`)."""
-    return int(automorphisms(species, pos, tol=tol)[0].shape[0])
-
-
 def graph_automorphism_count(species: np.ndarray, pos: np.ndarray, max_matches: int = 100000) -> int:
     """Number of automorphisms of the molecular graph (RDKit, bonds perceived from coordinates).
 
@@ -271,10 +229,6 @@ def closest_equivalent(
         src = pos_target.unsqueeze(-3).expand(*lead, G, n, 3)
         candidates = torch.gather(src, -2, perms[..., None].expand(*lead, G, n, 3))
     R = so3.kabsch(pos_current.unsqueeze(-3).expand_as(candidates), candidates)  # (..., G, 3, 3)
-    eye = torch.eye(3, dtype=R.dtype, device=R.device)
-    angle = so3.geodesic_distance(R, eye)
-    # Prefer the lowest index among numerically tied angles (deterministic, identity first).
-    angle = angle + 1e-9 * torch.arange(G, dtype=angle.dtype, device=angle.device)
-    idx = angle.argmin(-1)
+    idx = so3.closest(R, torch.eye(3, dtype=R.dtype, device=R.device).expand(*lead, 3, 3))
     gather = idx[..., None, None, None].expand(*idx.shape, 1, *pos_target.shape[-2:])
     return torch.gather(candidates, -3, gather).squeeze(-3), idx

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from kflow_mol.build import build_dataset
-from kflow_mol.cif import _bonds, cluster_from_cif, match_graph, vdw_volume
+from kflow_mol.cif import cluster_from_cif, match_graph, vdw_volume
 from kflow_mol.data import REASONS, BuildError
+from kflow_mol.molecule import bond_graph
 from kflow_mol.shapes import find_shapes
 
 from .test_cif import DATA
@@ -24,8 +25,8 @@ def test_racemic_and_conformers_are_facts_by_default():
     assert conf.meta["multiple_conformers"] and conf.meta["n_conformers"] == 2 and not conf.meta["racemic"]
     assert conf.meta["n_cluster_shapes"] == 2 == find_shapes(conf.final).num_shapes
     # the conformer copies keep the template's atom order: every copy has the same bond graph
-    adj = _bonds(conf.species, conf.final[0])
-    assert all(np.array_equal(_bonds(conf.species, x), adj) for x in conf.final)
+    adj = bond_graph(conf.species, conf.final[0])
+    assert all(np.array_equal(bond_graph(conf.species, x), adj) for x in conf.final)
     # the old behaviour on request
     for name, kw, reason in (("racemic_p-1.cif", {"allow_mirror": False}, "racemic"),
                              ("multiple_conformers_p1.cif", {"allow_conformers": False}, "multiple_conformers")):
@@ -41,7 +42,7 @@ def test_match_graph_orders_a_conformer():
     got = match_graph(X, Y[perm], conf.species, conf.species[perm])
     assert got is not None
     assert np.array_equal(conf.species[perm][got[0]], conf.species)
-    assert np.array_equal(_bonds(conf.species, Y[perm][got[0]]), _bonds(conf.species, X))
+    assert np.array_equal(bond_graph(conf.species, Y[perm][got[0]]), bond_graph(conf.species, X))
     water = np.array([[0.0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
     assert match_graph(X[:3], water, conf.species[:3], np.array([8, 1, 1])) is None
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kflow_mol import metrics as M
-from kflow_mol.noise import LooseConfig, make_loose, random_rotation_np, undo_mean_expansion
+from kflow_mol.noise import LooseConfig, make_loose, undo_mean_expansion
+from kflow_mol.so3 import random_rotation_np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_metrics import toy_cluster

@@ -1,7 +1,7 @@
 """Physics refinement: real UFF parameters, rigid bodies, energy goes down, overlaps are pushed apart."""
 import numpy as np
 
-from kflow_mol.noise import random_rotation_np
+from kflow_mol.so3 import random_rotation_np
 from kflow_mol.refine import RefineConfig, refine_cluster, uff_vdw
 
 
