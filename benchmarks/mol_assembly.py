@@ -92,8 +92,9 @@ def batch1_timing(model_pt: Path, run_dir: Path, n: int = 3, steps: int = 50) ->
     """Seconds per cluster at batch 1 (50 steps), median over ``n`` test clusters, in this process."""
     import torch
 
-    from kflow_mol.pipeline import load_model
+    from kflow.solver import SolverConfig
     from kflow_mol.dataset import load_prepared, split_indices
+    from kflow_mol.pipeline import load_model
     from kflow_mol.task import make_batch
 
     cfg = json.loads((run_dir / "config.json").read_text())["run"]
@@ -105,7 +106,7 @@ def batch1_timing(model_pt: Path, run_dir: Path, n: int = 3, steps: int = 50) ->
     with torch.no_grad():
         for c in test:
             t0 = time.perf_counter()
-            task.sample(model, make_batch([c]), steps=steps)
+            task.sample(model, make_batch([c]), SolverConfig(steps=steps))
             times.append(time.perf_counter() - t0)
     return float(sorted(times)[len(times) // 2])
 

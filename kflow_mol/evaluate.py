@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from kflow.solver import SolverConfig
+
 from .metrics import CLASH_FRACTION, evaluate_cluster, intermolecular_clashes, oracle_floors, summarize
 from .shapes import copy_perms
 from .task import AssemblyTask, make_batch
@@ -19,10 +21,10 @@ _VERDICT_FLOORS = {"do_nothing": "the loose state", "undo_mean_expansion": "undo
 _CLASH_KEYS = ("clashes", "clashing_molecules", "min_contact", "min_vdw_ratio")
 
 
-def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[dict], steps: int = 50,
-                     method: str = "exact", grid: str = "uniform", batch_size: int = 8, device="cpu",
-                     progress: bool = False) -> tuple[list[np.ndarray], float]:
-    """Assemble every cluster from its stored loose state; returns ``(positions (17, n, 3) each, seconds)``."""
+def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[dict], solver: SolverConfig | None = None,
+                     batch_size: int = 8, device="cpu", progress: bool = False) -> tuple[list[np.ndarray], float]:
+    """Assemble every cluster from its stored loose state with ``solver`` (default: 50 exact uniform steps);
+    returns ``(positions (17, n, 3) each, seconds)``."""
     model.eval()
     outs, seconds = [], 0.0
     chunks = range(0, len(clusters), batch_size)
@@ -34,24 +36,27 @@ def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[dict],
         items = clusters[i:i + batch_size]
         batch = make_batch(items).to(device)
         t0 = time.perf_counter()
-        res = task.sample(model, batch, steps=steps, method=method, grid=grid)
+        res = task.sample(model, batch, solver)
         seconds += time.perf_counter() - t0
-        pos = res["positions"].double().cpu().numpy()
+        pos = res.positions.double().cpu().numpy()
         for b, it in enumerate(items):
             outs.append(pos[b, :, :len(it["species"])])
     return outs, seconds
 
 
-def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[dict], steps: int = 50,
-             method: str = "exact", grid: str = "uniform", batch_size: int = 8, device="cpu",
-             expansion_mean: float | None = 2.0, progress: bool = False, refine=None) -> dict:
+def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[dict],
+             solver: SolverConfig | None = None, *, batch_size: int = 8, device="cpu",
+             expansion_mean: float | None = 2.0, progress: bool = False, refine=None,
+             steps: int | None = None, method: str | None = None, grid: str | None = None) -> dict:
     """Metrics of the model (if given) and of the floors, averaged over clusters (AssembleFlow's protocol:
     per cluster, then the mean; validity = finite and <= 100 Å).
 
-    With ``refine`` (a :class:`kflow_mol.refine.RefineConfig`) the model's clusters are also refined by the
-    rigid-body pair-energy minimisation and scored separately as ``model_refined`` (never folded into
-    ``model``)."""
-    out: dict = {"num_clusters": len(clusters), "steps": steps, "method": method}
+    The model samples with ``solver`` (default: 50 exact uniform steps); the older keywords ``steps``,
+    ``method`` and ``grid`` override single fields of it. With ``refine`` (a
+    :class:`kflow_mol.refine.RefineConfig`) the model's clusters are also refined by the rigid-body pair-energy
+    minimisation and scored separately as ``model_refined`` (never folded into ``model``)."""
+    solver = (solver or SolverConfig()).replace(steps=steps, method=method, grid=grid)
+    out: dict = {"num_clusters": len(clusters), "steps": solver.steps, "method": solver.method}
     floors = [oracle_floors(c["initial"], c["final"], c["species"], copy_perms(c), expansion_mean) for c in clusters]
     for name in FLOOR_NAMES:
         if floors and name in floors[0]:
@@ -61,7 +66,7 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
     shapes = [len(c.get("templates", [0])) for c in clusters]  # distinct rigid shapes per cluster
     out["shapes_per_cluster"] = {str(k): shapes.count(k) for k in sorted(set(shapes))}
     if model is not None:
-        preds, seconds = predict_clusters(model, task, clusters, steps, method, grid, batch_size, device, progress)
+        preds, seconds = predict_clusters(model, task, clusters, solver, batch_size, device, progress)
         per = [_score(p, c) for p, c in zip(preds, clusters)]
         out["model"] = summarize(per)
         out["seconds_per_cluster"] = seconds / max(len(clusters), 1)

@@ -213,8 +213,8 @@ def train(cfg, resume: bool = False, log: Log = _stderr) -> TrainResult:
     solver = solver_config(cfg)
 
     def eval_fn(ema_model, step):
-        r = evaluate_clusters(ema_model, task, val, steps=min(solver.steps, 20), method=solver.method,
-                              grid=solver.grid, device=next(ema_model.parameters()).device)
+        r = evaluate_clusters(ema_model, task, val, solver.replace(steps=min(solver.steps, 20)),
+                              device=next(ema_model.parameters()).device)
         m = r["model"]
         return {"val_pm_atom": m["pm_atom"], "val_pm_atom_symmetry_aware": m["pm_atom_symmetry_aware"],
                 "val_pm_center": m["pm_center"], "val_rot_median_deg": m["rot_median_deg"],
@@ -234,8 +234,8 @@ def train(cfg, resume: bool = False, log: Log = _stderr) -> TrainResult:
     export_model(run / "model.pt", ema, to_container(cfg), info)
     res = None
     if test:
-        res = evaluate_clusters(ema, task, test, steps=solver.steps, method=solver.method, grid=solver.grid,
-                                device=trainer.device, expansion_mean=float(cfg.noise.expansion_mean))
+        res = evaluate_clusters(ema, task, test, solver, device=trainer.device,
+                                expansion_mean=float(cfg.noise.expansion_mean))
         res["rejected"] = data.rejected
         atomic_write_text(run / "test_metrics.json", json.dumps(public(res), indent=1))
         pm_histogram(res, run / "pm_hist.png")
@@ -264,9 +264,9 @@ def evaluate(loaded: LoadedModel, data: str, root, split_seed: int, split: str =
     if limit:
         clusters = clusters[:limit]
     solver = solver or solver_config(loaded.cfg)
-    res = evaluate_clusters(loaded.model, loaded.task, clusters, steps=solver.steps, method=solver.method,
-                            grid=solver.grid, device=device, expansion_mean=float(loaded.noise.expansion_mean),
-                            progress=progress, refine=RefineConfig() if refine else None)
+    res = evaluate_clusters(loaded.model, loaded.task, clusters, solver, device=device,
+                            expansion_mean=float(loaded.noise.expansion_mean), progress=progress,
+                            refine=RefineConfig() if refine else None)
     res.update(checkpoint=str(loaded.path), data=data, split=split, trained_on=loaded.info.get("data"),
                rejected=cd.rejected)
     return res
@@ -368,16 +368,16 @@ def assemble(inp: ClusterInput, loaded: LoadedModel, out: str | Path, solver: So
     solver = solver or solver_config(loaded.cfg)
     res = loaded.task.sample(loaded.model, batch, solver, return_trajectory=True)
     n = len(prep["species"])
-    pos = res["positions"][0, :, :n].double().cpu().numpy()
-    traj = [t[0, :, :n].double().cpu().numpy() for t in res["trajectory"]]
+    pos = res.positions[0, :, :n].double().cpu().numpy()
+    traj = res.trajectory[:, 0, :, :n].double().cpu().numpy()  # (steps + 1, 17, n, 3)
     species = prep["species"]
     write_xyz(out / "assembled.extxyz", species, pos, comment=f"kflow-mol assembled {record.id}")
     write_cluster_cif(out / "assembled.cif", species, pos, name=f"{record.id}_assembled_cluster")
-    write_xyz(out / "trajectory.extxyz", species, np.stack(traj), comment="k-trajectory")
+    write_xyz(out / "trajectory.extxyz", species, traj, comment="k-trajectory")
     write_xyz(out / "loose.extxyz", species, prep["initial"], comment="loose input")
     metrics = {"id": record.id, "input": inp.source, "checkpoint": str(loaded.path),
-               "model_trained_on": loaded.info.get("data"), "steps": solver.steps, "model_calls": res["evaluations"],
-               "seconds": res["seconds"],
+               "model_trained_on": loaded.info.get("data"), "steps": solver.steps, "model_calls": res.evaluations,
+               "seconds": res.seconds,
                "reference_known": known, "clashes": intermolecular_clashes(pos, species)}
     panels = {"loose": prep["initial"], "assembled": pos}
     if known:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from kflow.schedule import make_grid
-from kflow.solver import SolverConfig
+from kflow.solver import Solution, SolverConfig
 
 from . import so3
 from .batch import ClusterBatch, RigidState, collate
@@ -114,6 +114,29 @@ class Collator:
         return make_batch(items, initial)
 
 
+@dataclass
+class Assembly(Solution):
+    """What :meth:`AssemblyTask.sample` returns: a :class:`kflow.solver.Solution` (the task protocol's one
+    result type) whose state is the atoms, plus the rigid poses and the wall time.
+
+    Attributes:
+        x_1: ``(B, M, n_max, 3)`` assembled atom positions (padded; also :attr:`positions`).
+        trajectory: ``(steps + 1, B, M, n_max, 3)`` positions at every grid point when requested, else ``None``.
+        grid: the k-grid used, ``(steps + 1,)``.
+        evaluations: model calls (``steps``).
+        c: ``(B, M, 3)`` centroids. R: ``(B, M, 3, 3)`` orientations.
+        seconds: wall time of the sampling.
+    """
+
+    c: Tensor
+    R: Tensor
+    seconds: float
+
+    @property
+    def positions(self) -> Tensor:
+        return self.x_1
+
+
 class AssemblyTask:
     """Loss and sampler of K-Flow assembly.
 
@@ -199,7 +222,7 @@ class AssemblyTask:
     @torch.no_grad()
     def sample(self, model: nn.Module, batch: AssemblyBatch, solver: SolverConfig | None = None, *,
                steps: int | None = None, method: str | None = None, grid: str | None = None,
-               return_trajectory: bool = False) -> dict:
+               return_trajectory: bool = False) -> Assembly:
         """Assemble the loose clusters of ``batch`` (the task protocol's ``sample(model, batch, solver)``).
 
         Args:
@@ -208,8 +231,7 @@ class AssemblyTask:
             steps, method, grid: override single fields of ``solver``.
 
         Returns:
-            dict with ``c (B, M, 3)``, ``R (B, M, 3, 3)``, ``positions (B, M, n_max, 3)`` and optionally
-            ``trajectory`` (list over grid points of ``(B, M, n_max, 3)``), ``seconds``.
+            :class:`Assembly`: positions, poses, the grid, model calls, seconds, optionally the trajectory.
         """
         solver = (solver or SolverConfig()).replace(steps=steps, method=method, grid=grid)
         steps, method, grid = solver.steps, solver.method, solver.grid
@@ -233,8 +255,9 @@ class AssemblyTask:
             if traj is not None:
                 traj.append(s)
         c, R = self.path.rigid(s, batch.R0)
-        out = {"c": c, "R": R, "positions": batch.clusters.positions_padded(c, R),
-               "seconds": time.perf_counter() - t0, "evaluations": steps}
-        if return_trajectory:
-            out["trajectory"] = [batch.clusters.positions_padded(*self.path.rigid(x, batch.R0)) for x in traj]
-        return out
+        positions = batch.clusters.positions_padded(c, R)
+        seconds = time.perf_counter() - t0
+        trajectory = None
+        if traj is not None:
+            trajectory = torch.stack([batch.clusters.positions_padded(*self.path.rigid(x, batch.R0)) for x in traj])
+        return Assembly(positions, trajectory, k_grid, steps, c, R, seconds)

@@ -47,10 +47,10 @@ def test_oracle_assembles_exactly_and_symmetry_aware_pm_is_zero(clusters, window
     batch = make_batch(clusters, dtype=torch.float64)
     res = task.sample(Oracle(task, batch), batch, steps=7)
     c_true = batch.c1
-    assert torch.allclose(res["c"], c_true, atol=1e-8)
+    assert torch.allclose(res.c, c_true, atol=1e-8)
     R_true = task.targets(batch)
-    assert torch.allclose(res["R"], R_true, atol=1e-6)
-    preds = [res["positions"][b, :, :len(c["species"])].numpy() for b, c in enumerate(clusters)]
+    assert torch.allclose(res.R, R_true, atol=1e-6)
+    preds = [res.positions[b, :, :len(c["species"])].numpy() for b, c in enumerate(clusters)]
     from kflow_mol.metrics import evaluate_cluster, oracle_floors
 
     for p, c in zip(preds, clusters):
