@@ -9,14 +9,22 @@ Sources (read-only, from the project's ``shared`` folder):
 
 (``csd_organic_semiconductors`` is deliberately *not* used: it may not be redistributed.)
 
-Every CIF is run through the cluster builder (:func:`kflow_mol.build.build_dataset`, default settings);
-accepted crystals are de-duplicated (same molecular formula and cell lengths within 0.3 A, or within 10 %
-across folders: the pyxtal folders share several structures, e.g. naphthalene / NAPHTA15) with the priority cod > pyxtal_testdb >
-pyxtal_examples, and the accepted *source CIFs* are copied to ``<out>/cifs/`` with ``manifest.json``
-(id, origin, licence, formula, atoms per molecule) and ``LICENSES.md``. With ``--raw`` the clusters are
-also written in the official COD-Cluster17 raw layout (``<out>/raw``, with InitialPositions from the
-default loose noise model, seed 0) - not shipped by default because it is ~7 MB of CSV that rebuilds in
-about 10 s.
+Every CIF is run through the cluster builder (:func:`kflow_mol.build.build_dataset`, default settings:
+racemic crystals and Z' > 1 crystals of different conformers accepted, each copy its own rigid shape; cells
+packed looser than ``MIN_PACKING`` (0.5) and contacts below ``MIN_CONTACT_RATIO`` (0.5) of the van der Waals
+sum rejected); accepted crystals are de-duplicated (same molecular formula and cell lengths within 0.3 A, or
+within 10 % across folders: the pyxtal folders share several structures, e.g. naphthalene / NAPHTA15) with the
+priority cod > pyxtal_testdb > pyxtal_examples, and the accepted *source CIFs* are copied to ``<out>/cifs/``
+with ``manifest.json`` and ``LICENSES.md``. Per file the manifest records its origin and licence and the
+builder's acceptance facts: ``racemic`` (mirror-image copies in the cell), ``n_mirror_copies`` (in the
+cluster), ``z_prime`` and ``space_group`` (spglib, symprec 0.1 A, on the file's cell: the pyxtal_testdb files
+are written in P1), ``n_conformers`` (distinct conformers: Z' > 1 of different shapes), ``n_cluster_shapes``,
+``packing_coefficient``, ``min_contact`` / ``min_contact_atoms`` / ``min_vdw_ratio``. Finally every shipped
+file is checked the way training loads it (:func:`kflow_mol.dataset.load_records` with ``min_packing`` None
+and 0.5, then :func:`kflow_mol.dataset.prepare`); the script fails if one is rejected. With ``--raw`` the
+clusters are also written in the official COD-Cluster17 raw layout (``<out>/raw``, with InitialPositions from
+the default loose noise model, seed 0) - not shipped by default because it is ~10 MB of CSV that rebuilds in
+about 20 s.
 
 Usage::
 
@@ -30,7 +38,13 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
+
+REBUILD = "python datasets/prepare_cod17_mini.py --shared ../shared"
+# per-file acceptance facts copied from the builder's report (kflow_mol.build.REPORT_FACTS)
+FACTS = ("racemic", "n_mirror_copies", "n_conformers", "n_cluster_shapes", "packing_coefficient", "min_contact",
+         "min_contact_atoms", "min_vdw_ratio")
 
 SOURCES = [  # (folder, licence, origin note), in de-duplication priority order
     ("cod", "CC0-1.0", "Crystallography Open Database (https://www.crystallography.net/), public domain (CC0)"),
@@ -73,6 +87,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kflow_mol.build import LooseNoise, build_dataset
+    from kflow_mol.cif import MIN_CONTACT_RATIO, MIN_PACKING, cluster_from_cif
 
     crystals = args.shared / "data" / "crystals"
     if not crystals.is_dir():
@@ -93,8 +108,6 @@ def main(argv=None) -> int:
             for r in rows:
                 if r["status"] != "accepted":
                     continue
-                from kflow_mol.cif import cluster_from_cif
-
                 rec = cluster_from_cif(r["file"])
                 abc = sorted(rec.meta["cell"][:3])
                 dup = next((m for m, (f, c) in zip(manifest, seen) if _same(f, c, m["source"],
@@ -105,21 +118,80 @@ def main(argv=None) -> int:
                     continue
                 shutil.copyfile(r["file"], cif_out / Path(r["file"]).name)
                 seen.append((rec.meta["formula"], abc))
+                sg, z_prime = _z_prime(Path(r["file"]), rec.meta["n_cell_molecules"])
                 manifest.append({"id": r["id"], "file": f"cifs/{Path(r['file']).name}", "source": folder,
                                  "licence": licence, "formula": rec.meta["formula"], "n_atoms": rec.n_atoms,
-                                 "n_cell_molecules": rec.meta["n_cell_molecules"]})
+                                 "n_cell_molecules": rec.meta["n_cell_molecules"], "space_group": sg,
+                                 "z_prime": z_prime, **{k: r[k] for k in FACTS}})
     manifest.sort(key=lambda m: m["id"])
-    (out / "manifest.json").write_text(json.dumps({"name": "cod17-mini", "n_clusters": len(manifest),
-                                                   "build_stats": stats, "duplicates_skipped": skipped,
-                                                   "clusters": manifest}, indent=1) + "\n")
+    for folder, s in stats.items():
+        mine = [m for m in manifest if m["source"] == folder]
+        s["shipped"] = len(mine)
+        s["shipped_facts"] = _fact_counts(mine)
+    settings = {"allow_mirror": True, "allow_conformers": True, "min_packing": MIN_PACKING,
+                "min_contact_ratio": MIN_CONTACT_RATIO}
+    (out / "manifest.json").write_text(json.dumps({
+        "name": "cod17-mini", "n_clusters": len(manifest), "rebuild": REBUILD,
+        "build_settings": settings, "facts": _fact_counts(manifest), "build_stats": stats,
+        "duplicates_skipped": skipped, "clusters": manifest}, indent=1) + "\n")
     _write_licences(out, manifest)
+    bad = _check_loader(out)
+    if bad:
+        print(f"error: the loader rejects {len(bad)} shipped file(s), e.g. {bad[:3]}", file=sys.stderr)
+        return 1
     if args.raw:
         summary = build_dataset(cif_out, out, workers=args.workers, noise_fn=LooseNoise(), seed=args.seed)
         print(f"raw layout: {summary['accepted']} clusters in {out / 'raw'}")
     print(f"cod17-mini: {len(manifest)} clusters -> {out} ({len(skipped)} duplicates skipped)")
     for folder, s in stats.items():
-        print(f"  {folder}: {s['accepted']}/{s['n_files']} accepted, rejected: {s['reasons']}")
+        print(f"  {folder}: {s['accepted']}/{s['n_files']} accepted, {s['shipped']} shipped, "
+              f"rejected: {s['reasons']}; shipped facts: {s['shipped_facts']}")
     return 0
+
+
+def _z_prime(path: Path, n_cell_molecules: int) -> tuple[str | None, float | None]:
+    """Space group and Z' (molecules per cell / symmetry operations of the cell) found by spglib with a
+    0.1 A tolerance on the structure as written (the pyxtal_testdb files list their atoms in P1)."""
+    from pymatgen.io.cif import CifParser
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            structure = CifParser(str(path), check_cif=False).parse_structures(primitive=False)[0]
+            sga = SpacegroupAnalyzer(structure, symprec=0.1)
+            return sga.get_space_group_symbol(), n_cell_molecules / len(sga.get_symmetry_operations())
+    except Exception:  # noqa: BLE001 - a fact for the manifest only
+        return None, None
+
+
+def _fact_counts(rows: list[dict]) -> dict:
+    pc = [m["packing_coefficient"] for m in rows]
+    vr = [m["min_vdw_ratio"] for m in rows]
+    return {"racemic": sum(m["racemic"] for m in rows),
+            "z_prime_above_1": sum((m["z_prime"] or 0) > 1 for m in rows),
+            "multiple_conformers": sum(m["n_conformers"] > 1 for m in rows),
+            "several_shapes_in_cluster": sum(m["n_cluster_shapes"] > 1 for m in rows),
+            "packing_coefficient_min": min(pc, default=None), "packing_coefficient_max": max(pc, default=None),
+            "min_vdw_ratio_min": min(vr, default=None)}
+
+
+def _check_loader(out: Path) -> list:
+    """Load the shipped files as training does, without and with ``data.min_packing=0.5``; returns the
+    rejections (must be none)."""
+    from kflow_mol.dataset import DataSource, load_records, prepare
+
+    src = DataSource(name="cod17-mini", kind="cif", path=out / "cifs")
+    bad = []
+    for min_packing in (None, 0.5):
+        records, rejected = load_records(src, progress=False, min_packing=min_packing)
+        bad += [(r["id"], r["reason"], min_packing) for r in rejected]
+    for rec in records:
+        try:
+            prepare(rec)
+        except Exception as err:  # noqa: BLE001
+            bad.append((rec.id, f"prepare_failed: {type(err).__name__}: {err}", None))
+    return bad
 
 
 def _same(f1, abc1, src1, f2, abc2, src2) -> bool:
@@ -137,6 +209,8 @@ def _write_licences(out: Path, manifest: list[dict]) -> None:
     lines = ["# cod17-mini: licences and origin of the shipped CIFs", "",
              "The clusters of `cod17-mini` are built at load time (or by `prepare_cod17_mini.py --raw`) from the",
              "source CIFs in `cifs/`. Each file keeps its original name; its origin and licence are listed below.",
+             f"The folder is rebuilt from the project's `shared` folder with `{REBUILD}`;",
+             "`manifest.json` holds each file's acceptance facts (racemic, Z', packing coefficient, shortest contact).",
              "", "## Sources", ""]
     for folder, licence, origin in SOURCES:
         n = sum(m["source"] == folder for m in manifest)

@@ -1,6 +1,7 @@
 """Seeded fuzzing of the CIF and CSV readers (used by ``test_fuzz.py``; also a script that prints the counts).
 
-Each base file (small crafted CIFs of ``tests/kflow_mol/data`` and two real COD CIFs of ``cod17-mini``; a
+Each base file (small crafted CIFs of ``tests/kflow_mol/data``, a real COD CIF of ``cod17-mini`` and COD 2001925, a
+loose 'P 1' file kept in ``tests/kflow_mol/data`` (CC0) since ``cod17-mini`` rejects it as ``loose_packing``; a
 cluster written in the official CSV layout) is mutated by one of a fixed list of mutations, chosen with a seeded
 generator. Every mutation says what a correct reader must do: ``accept`` (the file is still valid: unchanged,
 a byte-order mark, CRLF line ends), ``reject`` (the file is broken: truncated, a negative cell length, a
@@ -30,7 +31,7 @@ DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[2]
 CIF_BASES = [DATA / "ok_methanol_p21c.cif", DATA / "ok_chiral_p21.cif",
              REPO / "datasets" / "cod17-mini" / "cifs" / "2000724.cif",
-             REPO / "datasets" / "cod17-mini" / "cifs" / "2001925.cif"]
+             DATA / "2001925.cif"]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Assembly task: the loss trains, the oracle lands on the packed cluster, targets are well posed."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from kflow_mol.task import AssemblyTask, Collator, make_batch
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory):
     src = tmp_path_factory.mktemp("cifs")
-    for f in sorted((mini_dir() / "cifs").glob("*.cif"))[:4]:
-        shutil.copy(f, src)
+    for name in ("2000334", "2000583", "2000642", "2000724"):  # single-shape crystals (per-copy: test_shapes.py)
+        shutil.copy(mini_dir() / "cifs" / f"{name}.cif", src)
     out, report = load_prepared(str(src), cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
     assert report["accepted"] == len(out) >= 3
     return out
@@ -138,11 +139,11 @@ def test_evaluate_reports_floors_without_model(clusters):
 def test_load_prepared_min_packing_rejects_loose_cells(tmp_path):
     """A folder dataset applies the builder's packing check when asked: COD 2001925's cell holds fewer
     molecules than a close-packed crystal needs, so it is rejected as ``loose_packing``; without the check it
-    is cut as before."""
+    is cut as before (the file is kept in the tests' data: cod17-mini no longer ships it)."""
     src = tmp_path / "cifs"
     src.mkdir()
-    for name in ("2001925.cif", "2000334.cif"):
-        shutil.copy(mini_dir() / "cifs" / name, src)
+    shutil.copy(Path(__file__).parent / "data" / "2001925.cif", src)
+    shutil.copy(mini_dir() / "cifs" / "2000334.cif", src)
     plain, rep0 = load_prepared(str(src), cache_dir=tmp_path / "c0", progress=False)
     assert rep0["accepted"] == 2 and not rep0["rejected"]
     kept, rep = load_prepared(str(src), cache_dir=tmp_path / "c1", progress=False, min_packing=0.5)
