@@ -8,21 +8,27 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing as mp
+import pickle
+import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .cif import MIN_CONTACT_RATIO, MIN_PACKING, ORGANIC_ELEMENTS, CifLimits, cluster_from_cif
 from .data import BuildError, ClusterRecord
 from .io import write_raw_pair
+from .noise import make_loose
 
 
 @dataclass
@@ -36,8 +42,6 @@ class LooseNoise:
     cfg: object | None = None
 
     def __call__(self, record: ClusterRecord, rng: np.random.Generator) -> np.ndarray:
-        from .noise import make_loose
-
         return make_loose(record.final, rng, self.cfg)
 
 
@@ -142,8 +146,6 @@ def limit_memory(max_memory_gb: float | None) -> None:
     allocation beyond it raises ``MemoryError`` instead of swapping the machine. For worker processes."""
     if not max_memory_gb:
         return
-    import resource
-
     try:
         with open("/proc/self/status") as f:
             vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
@@ -178,8 +180,6 @@ def _run_isolated(jobs: list[str], ctx_vars: dict, workers: int, timeout: float 
     """Each file in its own forked process (at most ``workers`` at once), memory-capped, killed (SIGKILL) when
     it runs ``grace`` s past ``timeout`` (the in-process alarm cannot interrupt compiled code); rows in input
     order."""
-    from multiprocessing.connection import wait
-
     import pymatgen.io.cif  # noqa: F401 - imported once here (seconds), inherited by every forked worker
 
     ctx = _fork_context()
@@ -246,8 +246,6 @@ def run_limited(fn, *args, timeout: float | None = None, max_memory_gb: float | 
     Raises:
         BuildError: ``timeout`` or ``memory`` naming ``what`` when a limit is hit.
     """
-    from multiprocessing.connection import wait
-
     ctx = _fork_context()
     r, w = ctx.Pipe(duplex=False)
 
@@ -259,8 +257,6 @@ def run_limited(fn, *args, timeout: float | None = None, max_memory_gb: float | 
             out = ("memory", None)
         except BaseException as e:  # noqa: BLE001 - sent to the parent
             try:
-                import pickle
-
                 pickle.dumps(e)
                 out = ("raise", e)
             except Exception:  # noqa: BLE001
@@ -320,8 +316,6 @@ def deadline(seconds: float | None, what: str = "input"):
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -400,8 +394,6 @@ def build_dataset(cif_dir, out_dir, workers: int = 2, noise_fn: Callable | None 
     rows: list[dict] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(jobs), desc=f"build {cif_dir.name}", unit="cif", file=sys.stderr)
     report_path = out_dir / "report.jsonl"
     with open(report_path, "w") as rep:

@@ -46,18 +46,21 @@ Pipeline (all deterministic, vectorised over atom pairs):
 from __future__ import annotations
 
 import re
+import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from ase.data import atomic_numbers
+from ase.data import atomic_numbers, chemical_symbols
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
+from scipy.spatial.distance import cdist
 
 from .data import MAX_COORDINATE, N_MOLECULES, OVERLAP_DISTANCE, BuildError, ClusterRecord
 from .frames import frame_from_vectors
 from .limits import CifLimits
-from .molecule import BOND_TOLERANCE, assign, bond_cutoff, bond_graph, components
+from .molecule import BOND_TOLERANCE, assign, bond_cutoff, bond_graph, components, hill_formula, vdw_radii
 from .so3 import kabsch_np
 
 #: Elements accepted in a molecule (organic set). Metals and noble gases, As, Te, etc. are rejected.
@@ -407,10 +410,6 @@ def _raw_elements(block_data: dict) -> list[str] | None:
 
     Lets us reject metal complexes before pymatgen expands (possibly huge, disordered) cells.
     """
-    import re
-
-    from ase.data import atomic_numbers
-
     col = block_data.get("_atom_site_type_symbol")
     if col is None:
         return None
@@ -520,8 +519,6 @@ def check_molecule(path, species, positions=None, max_atoms: int = 200, allowed_
     Raises:
         BuildError: with the reason of the first rule broken.
     """
-    from ase.data import chemical_symbols
-
     z = np.asarray(species, dtype=np.int64).reshape(-1)
     _check_elements(path, sorted({chemical_symbols[int(k)] for k in z}), allowed_elements)
     n = len(z)
@@ -538,7 +535,7 @@ def check_molecule(path, species, positions=None, max_atoms: int = 200, allowed_
                          f"molecule with {n} atoms is linear (extents {np.round(sv, 3).tolist()} A)")
     n_comp, labels = components(z, x, bond_tolerance)
     if n_comp > 1:
-        forms = ["".join(f"{e}{k}" for e, k in _formula_counts(z[labels == c])) for c in range(n_comp)]
+        forms = [hill_formula(z[labels == c]) for c in range(n_comp)]
         raise BuildError(path, "multiple_components", f"the molecule falls apart into {n_comp} bonded "
                          f"components ({', '.join(forms[:6])}); one molecule per copy is required")
 
@@ -693,15 +690,13 @@ def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
             perm = assign(Xc @ R.T, Yc, species, species_y)
     if best is not None:
         return best
-    import networkx as nx
+    import networkx as nx  # lazy: about a second to import, only for Z' > 1 conformers no cheap match fits
     from networkx.algorithms import isomorphism
 
     gx, gy = nx.from_numpy_array(ax.astype(int)), nx.from_numpy_array(ay.astype(int))
     nx.set_node_attributes(gx, {i: int(z) for i, z in enumerate(species)}, "z")
     nx.set_node_attributes(gy, {i: int(z) for i, z in enumerate(species_y)}, "z")
     gm = isomorphism.GraphMatcher(gx, gy, node_match=lambda a, b: a["z"] == b["z"])
-    import time
-
     t0 = time.perf_counter()
     for k, mapping in enumerate(gm.isomorphisms_iter()):
         if k >= cap or (best is not None and time.perf_counter() - t0 > GRAPH_MATCH_SECONDS):
@@ -715,12 +710,7 @@ def match_graph(X: np.ndarray, Y: np.ndarray, species: np.ndarray, species_y: np
 
 def vdw_volume(species: np.ndarray, X: np.ndarray, spacing: float = 0.15) -> float:
     """Van der Waals volume (A^3) of one molecule: the union of Bondi spheres, counted on a grid."""
-    from ase.data import vdw_radii as bondi
-    from ase.data.vdw_alvarez import vdw_radii as alvarez
-
-    z = np.asarray(species, dtype=np.int64)
-    r = np.asarray(bondi, dtype=np.float64)[z]
-    r = np.where(np.isfinite(r), r, np.asarray(alvarez, dtype=np.float64)[z])
+    r = vdw_radii(species)
     lo = X.min(0) - r.max() - spacing
     shape = np.ceil((X.max(0) + r.max() + spacing - lo) / spacing).astype(int) + 1
     inside = np.zeros(shape, dtype=bool)
@@ -735,14 +725,8 @@ def vdw_volume(species: np.ndarray, X: np.ndarray, spacing: float = 0.15) -> flo
 
 def shortest_contact(species: np.ndarray, final: np.ndarray) -> dict:
     """Shortest intermolecular contact of a cluster: distance (A), atoms and the fraction of the vdW sum."""
-    from ase.data import chemical_symbols
-    from ase.data import vdw_radii as bondi
-    from ase.data.vdw_alvarez import vdw_radii as alvarez
-    from scipy.spatial.distance import cdist
-
     z = np.asarray(species, dtype=np.int64)
-    r = np.asarray(bondi, dtype=np.float64)[z]
-    r = np.where(np.isfinite(r), r, np.asarray(alvarez, dtype=np.float64)[z])
+    r = vdw_radii(z)
     vsum = r[:, None] + r[None]
     best_d, best_ratio, pair = np.inf, np.inf, (0, 0)
     M, n, _ = final.shape
@@ -813,9 +797,7 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
     members = [np.flatnonzero(labels == c) for c in range(n_comp)]  # CIF atom order within a molecule
     comps = {tuple(np.sort(numbers[m]).tolist()) for m in members}
     if len(comps) > 1:
-        from collections import Counter
-
-        forms = Counter("".join(f"{e}{k}" for e, k in _formula_counts(numbers[m])) for m in members)
+        forms = Counter(hill_formula(numbers[m]) for m in members)
         raise BuildError(path, "multiple_components",
                          f"{len(comps)} different molecules in the cell: "
                          + ", ".join(f"{k} x{v}" for k, v in sorted(forms.items())))
@@ -943,7 +925,7 @@ def cluster_from_cif(path, n_molecules: int = N_MOLECULES, max_atoms: int = 200,
     al, be, ga = structure.lattice.angles
     meta = {
         "source": str(path),
-        "formula": "".join(f"{s}{k}" for s, k in _formula_counts(species)),
+        "formula": hill_formula(species),
         "n_cell_molecules": int(Z),
         "declared_z": declared_z,
         "cell": [float(a), float(b), float(cc), float(al), float(be), float(ga)],
@@ -974,13 +956,3 @@ def _declared_z(path: Path) -> int | None:
     except OSError:
         return None
     return int(m.group(1)) if m else None
-
-
-def _formula_counts(species: np.ndarray):
-    from ase.data import chemical_symbols
-
-    u, cnt = np.unique(species, return_counts=True)
-    syms = {chemical_symbols[z]: k for z, k in zip(u.tolist(), cnt.tolist())}
-    # Hill order: C, H, then alphabetical
-    keys = [k for k in ("C", "H") if k in syms] + sorted(k for k in syms if k not in ("C", "H"))
-    return [(k, syms[k] if syms[k] > 1 else "") for k in keys]

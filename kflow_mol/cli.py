@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 # nothing heavy at module level (numpy, torch, RDKit, ASE and kflow_mol.pipeline load inside the commands):
 # `--help` and argument errors answer at once, and a missing file is reported before any of them loads
 from kflow.cli import InputError, check_device, compose, configs_dir, instantiate, run_command
+
+from .limits import CifLimits  # no heavy import: --help stays fast
 
 _PIPELINE_NAMES = ("DEFAULT_MODEL", "build_components", "load_model")  # kept importable from here
 
@@ -106,8 +109,6 @@ def _check_args(args) -> None:
 
 def _cif_limits(args):
     """The pre-expansion caps of a CIF from the command's flags (defaults where a command has none)."""
-    from .limits import CifLimits
-
     d = CifLimits()
     return CifLimits(**{k: getattr(args, k, None) or getattr(d, k) for k in
                         ("max_cell_length", "max_cell_volume", "max_cell_atoms", "max_symops")})
@@ -179,8 +180,6 @@ def _read_input(args):
 
 
 def cmd_assemble(args, extra) -> int:
-    import time
-
     t_start = time.perf_counter()
     from . import pipeline
     from .build import deadline, run_limited
@@ -256,8 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def limit_flags(p, timeout_help):
-        from .limits import CifLimits  # no heavy import: --help stays fast
-
         d = CifLimits()
         p.add_argument("--timeout", type=float, default=60.0 if p.prog.endswith("build-dataset") else 300.0,
                        help=f"time limit in seconds, {timeout_help} (0 = none; default: %(default)g)")

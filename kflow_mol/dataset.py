@@ -17,10 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from kflow.utils import atomic_save
+from kflow.utils import atomic_save, resource_dir
 
+from .build import file_rng
+from .cif import cluster_from_cif
 from .data import BuildError, ClusterRecord
+from .io import list_raw_ids, read_raw_pair
+from .noise import LooseConfig, make_loose
+from .shapes import SHAPE_TOL, find_shapes, shape_symmetries
 
 OFFICIAL = {"cod17-5k": "5k", "cod17-10k": "10k", "cod17-all": "all"}
 CACHE_VERSION = 2  # 2: per-copy rigid bodies (templates, copy_shape, body)
@@ -32,8 +38,6 @@ def default_cache_dir() -> Path:
 
 def mini_dir() -> Path:
     """The shipped ``cod17-mini`` CIFs (in the repo's ``datasets/``, or inside an installed package)."""
-    from kflow.utils import resource_dir
-
     root = resource_dir("datasets")
     if root is not None and (root / "cod17-mini" / "cifs").is_dir():
         return root / "cod17-mini"
@@ -106,8 +110,6 @@ def load_records(source: DataSource, progress: bool = True,
     ``min_packing``: for CIF folders, reject cells whose packing coefficient is below it (``loose_packing``,
     as ``build-dataset`` does; e.g. P1 files holding fewer molecules than their declared Z); None: no check.
     """
-    from .io import list_raw_ids, read_raw_pair
-
     records, rejected = [], []
 
     def read(item_id, fn, *args):
@@ -123,13 +125,9 @@ def load_records(source: DataSource, progress: bool = True,
         for cid in ids:
             read(cid, read_raw_pair, source.path, cid)
         return records, rejected
-    from .cif import cluster_from_cif
-
     files = sorted(source.path.glob("*.cif"))
     it = files
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(files, desc=f"cutting clusters ({source.name})", leave=False)
     for f in it:
         read(f.stem, partial(cluster_from_cif, min_packing=min_packing), f)
@@ -152,10 +150,6 @@ def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0, shape_tol: flo
     automorphisms ``shape_perms`` / ``shape_symmetries`` (identity-padded; ``shape_orders`` the real orders).
     ``template``, ``perms`` and ``symmetries`` are those of shape 0 (the central copy's).
     """
-    from .build import file_rng
-    from .noise import LooseConfig, make_loose
-    from .shapes import SHAPE_TOL, find_shapes, shape_symmetries
-
     final = np.asarray(record.final, dtype=np.float64)
     sh = find_shapes(final, SHAPE_TOL if shape_tol is None else shape_tol)
     initial = record.initial

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 from torch import nn
+from tqdm import tqdm
 
 from kflow.solver import SolverConfig
 
 from .metrics import CLASH_FRACTION, evaluate_cluster, intermolecular_clashes, oracle_floors, summarize
+from .refine import refine_cluster
 from .shapes import copy_perms
+from .so3 import kabsch_np
 from .task import AssemblyTask, make_batch
 
 FLOOR_NAMES = ("do_nothing", "undo_mean_expansion", "centroid_oracle", "orientation_oracle", "symmetry_blind_oracle")
@@ -29,8 +32,6 @@ def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[dict],
     outs, seconds = [], 0.0
     chunks = range(0, len(clusters), batch_size)
     if progress:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, desc="assembling", leave=False)
     for i in chunks:
         items = clusters[i:i + batch_size]
@@ -99,9 +100,6 @@ def _score(pred: np.ndarray, cluster: dict) -> dict:
 
 def refine_positions(pred: np.ndarray, cluster: dict, cfg) -> np.ndarray:
     """Refine one predicted cluster ``(M, n, 3)`` (rigid poses recovered by Kabsch on each copy's body)."""
-    from .refine import refine_cluster
-    from .so3 import kabsch_np
-
     t = np.asarray(cluster["body"]) if "body" in cluster else np.broadcast_to(cluster["template"], pred.shape)
     c = pred.mean(1)
     R = np.stack([kabsch_np(b, x)[0] for b, x in zip(t, pred)])

@@ -13,6 +13,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kflow_mol import so3
@@ -141,8 +142,6 @@ def rigid_transform(template_body: torch.Tensor, R: torch.Tensor, c: torch.Tenso
 
 def frame_from_vectors(u, v):
     """Right-handed orthonormal frame (columns, numpy ``(3, 3)``) from two non-collinear vectors."""
-    import numpy as np
-
     e1 = u / np.linalg.norm(u)
     w = v - (v @ e1) * e1
     e2 = w / np.linalg.norm(w)

@@ -22,6 +22,7 @@ import numpy as np
 
 from kflow.utils import atomic_write_text
 
+from .cif import check_molecule, match_rigid
 from .data import (
     N_MOLECULES,
     BuildError,
@@ -31,6 +32,7 @@ from .data import (
     symbols_to_numbers,
 )
 from .molecule import components
+from .molecule import hill_formula as _hill_formula
 from .so3 import kabsch_np
 
 HEADER = "mol_idx,atom_type,x,y,z"
@@ -180,8 +182,6 @@ def read_raw_pair(root, cluster_id: str, require_initial: bool = False,
         raise BuildError(fpath, "bad_csv", "file not found (official layout: "
                          f"<root>/raw/{FINAL_DIR}/<id>{FINAL_SUFFIX})")
     species, final = read_csv(fpath)
-    from .cif import check_molecule
-
     check_molecule(fpath, species, final[0])  # the CIF rules: elements, H, size, one component, not flat
     initial = None
     if ipath.is_file():
@@ -240,7 +240,7 @@ def write_xyz(path, species, positions, comment: str = "", extended: bool | None
     extended = path.suffix == ".extxyz" if extended is None else extended
     path.parent.mkdir(parents=True, exist_ok=True)
     if extended:
-        from ase import Atoms
+        from ase import Atoms  # lazy here and below: ase.io takes about a second to import
         from ase.io import write
 
         frames = []
@@ -267,8 +267,6 @@ def read_cluster_xyz(path, n_molecules: int = N_MOLECULES, tol: float = 0.05):
 
     See :func:`_read_cluster_xyz`; the molecule then passes :func:`kflow_mol.cif.check_molecule` (the CIF rules).
     """
-    from .cif import check_molecule
-
     species, pos = _read_cluster_xyz(path, n_molecules, tol)
     check_molecule(path, species, pos[0])
     return species, pos
@@ -311,8 +309,6 @@ def _read_cluster_xyz(path, n_molecules: int = N_MOLECULES, tol: float = 0.05):
         Zb, Xb = Z.reshape(n_molecules, n), X.reshape(n_molecules, n, 3)
         if np.all(Zb == Zb[0]) and all(kabsch_np(Xb[0], Xb[m])[1] < tol for m in range(n_molecules)):
             return Zb[0].astype(np.int64), Xb.copy()
-    from .cif import match_rigid
-
     nc, lab = components(Z, X)
     if nc != n_molecules:
         raise BuildError(path, "bad_input", f"{N} atoms form {nc} bonded molecules, expected {n_molecules} "
@@ -346,7 +342,7 @@ def read_single_molecule(path, add_hydrogens: bool = True):
     """
     path = Path(path)
     if path.suffix.lower() in (".sdf", ".mol", ".mdl"):
-        from rdkit import Chem, rdBase
+        from rdkit import Chem, rdBase  # lazy: RDKit takes seconds to import, only for SDF/MOL files
 
         with rdBase.BlockLogs():  # a one-line error instead of RDKit's log
             if path.suffix.lower() == ".sdf":
@@ -371,8 +367,6 @@ def read_single_molecule(path, add_hydrogens: bool = True):
 
 
 def _checked(path, species, positions):
-    from .cif import check_molecule
-
     check_molecule(path, species, positions)
     return species, positions
 
@@ -397,8 +391,6 @@ def molecule_from_smiles(smiles: str, seed: int = 0):
         raise BuildError(f"SMILES '{smiles}'", "bad_input", "RDKit cannot parse the SMILES (check brackets, "
                          "ring-closure digits, element symbols and valences)")
     mol = Chem.AddHs(mol)
-    from .cif import check_molecule
-
     src = f"SMILES '{smiles}'"
     z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
     check_molecule(src, z)  # elements, H, size first: '[Na+].[Cl-]' is rejected before any embedding
@@ -415,13 +407,8 @@ def molecule_from_smiles(smiles: str, seed: int = 0):
 
 
 def hill_formula(species) -> str:
-    """Hill-order formula with CIF spacing (``"C6 H6"``): C, then H, then the rest alphabetically."""
-    from collections import Counter
-
-    counts = Counter(numbers_to_symbols(species))
-    order = [e for e in ("C", "H") if "C" in counts and e in counts] + sorted(
-        e for e in counts if not ("C" in counts and e in ("C", "H")))
-    return " ".join(f"{e}{counts[e] if counts[e] > 1 else ''}" for e in order)
+    """Hill-order formula with CIF spacing (``"C6 H6"``; :func:`kflow_mol.molecule.hill_formula`)."""
+    return _hill_formula(species, " ")
 
 
 def write_cluster_cif(path, species, positions, padding: float = 10.0, name: str = "cluster") -> Path:

@@ -43,10 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from ase.data import chemical_symbols
+from ase.data import covalent_radii as ase_radii
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from kflow_mol import so3
+from kflow_mol.molecule import vdw_radii
 from kflow_mol.symmetry import automorphisms, closest_equivalent
 
 __all__ = [
@@ -119,8 +122,6 @@ def _atom_index(sigma: np.ndarray, n: int) -> np.ndarray:
 
 def covalent_radii(species: np.ndarray) -> np.ndarray:
     """AssembleFlow's covalent radii; elements missing from their table fall back to ASE (Cordero 2008)."""
-    from ase.data import covalent_radii as ase_radii
-
     species = np.asarray(species, dtype=np.int64)
     return np.array([ASSEMBLEFLOW_COVALENT_RADII.get(int(z), float(ase_radii[int(z)])) for z in species])
 
@@ -202,17 +203,6 @@ SPECIFIC_CLASH_FRACTION = 0.55  # hydrogen/halogen bonds: real ones reach ~0.6 (
 _HBOND_ACCEPTORS, _HALOGENS, _XBOND_ACCEPTORS = (7, 8, 9), (17, 35, 53), (7, 8, 16)
 
 
-def vdw_radii(species: Any) -> np.ndarray:
-    """Van der Waals radii (Å) of atomic numbers ``(n,)``: Bondi 1964 (ASE's table), Alvarez 2013 where
-    Bondi has none."""
-    from ase.data import vdw_radii as bondi
-    from ase.data.vdw_alvarez import vdw_radii as alvarez
-
-    z = np.asarray(species, dtype=np.int64)
-    r = np.asarray(bondi, dtype=np.float64)[z]
-    return np.where(np.isfinite(r), r, np.asarray(alvarez, dtype=np.float64)[z])
-
-
 def intermolecular_clashes(pred: Any, species: Any, fraction: float = CLASH_FRACTION,
                            specific_fraction: float = SPECIFIC_CLASH_FRACTION) -> dict:
     """The chemist's verdict on a cluster: clashing atom pairs between different molecules and the shortest
@@ -234,8 +224,6 @@ def intermolecular_clashes(pred: Any, species: Any, fraction: float = CLASH_FRAC
         finite), ``min_contact_atoms`` (element symbols of that pair, e.g. ``"H...O"``), ``min_vdw_ratio``
         (smallest ``d_ab / (r_a + r_b)``) and ``clash_fraction`` (the ``fraction`` used).
     """
-    from ase.data import chemical_symbols
-
     p = _cluster(pred, "pred")
     M, n, _ = p.shape
     z = np.asarray(species, dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Chemistry perception of one molecule: covalent radii, the bond rule, bonded components, atom correspondence.
+"""Chemistry perception of one molecule: radii, the bond rule, bonded components, atom correspondence, formula.
 
 Every module that needs to know which atoms are bonded (the CIF builder splitting a cell into molecules, the
 molecule checks of every reader, the XYZ cluster reader, the symmetry finder) uses :func:`bond_graph` /
@@ -9,13 +9,19 @@ radii ``r`` of Cordero et al. 2008 (ASE's table) and ``BOND_TOLERANCE`` = 0.4 Å
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+from ase.data import chemical_symbols
 from ase.data import covalent_radii as _CORDERO  # Cordero et al. 2008, every element
+from ase.data import vdw_radii as _BONDI  # Bondi 1964, NaN where it has none
+from ase.data.vdw_alvarez import vdw_radii as _ALVAREZ  # Alvarez 2013
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["BOND_TOLERANCE", "assign", "bond_cutoff", "bond_graph", "components", "covalent_radii"]
+__all__ = ["BOND_TOLERANCE", "assign", "bond_cutoff", "bond_graph", "components", "covalent_radii", "hill_formula",
+           "vdw_radii"]
 
 BOND_TOLERANCE = 0.4  # Å added to the sum of covalent radii (the CSD convention)
 
@@ -26,6 +32,23 @@ def covalent_radii(species) -> np.ndarray:
     if species.size and (species.min() < 1 or species.max() >= len(_CORDERO)):
         raise ValueError(f"atomic numbers out of range: {sorted(set(species.ravel().tolist()))}")
     return _CORDERO[species]
+
+
+def vdw_radii(species) -> np.ndarray:
+    """Van der Waals radii (Å) of atomic numbers ``(...)``: Bondi 1964 (ASE's table), Alvarez 2013 where Bondi
+    has none."""
+    z = np.asarray(species, dtype=np.int64)
+    r = np.asarray(_BONDI, dtype=np.float64)[z]
+    return np.where(np.isfinite(r), r, np.asarray(_ALVAREZ, dtype=np.float64)[z])
+
+
+def hill_formula(species, sep: str = "") -> str:
+    """Hill-order formula (``"C2H6O"``; ``sep=" "``: ``"C2 H6 O"``, CIF spacing): C, then H, then the rest
+    alphabetically when there is carbon; everything alphabetically when there is none."""
+    counts = Counter(chemical_symbols[int(z)] for z in np.asarray(species).reshape(-1))
+    first = [e for e in ("C", "H") if e in counts] if "C" in counts else []
+    order = first + sorted(e for e in counts if e not in first)
+    return sep.join(f"{e}{counts[e] if counts[e] > 1 else ''}" for e in order)
 
 
 def bond_cutoff(species_a, species_b, tolerance: float = BOND_TOLERANCE) -> np.ndarray:

@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from ase.data import vdw_radii
 
 from . import so3
 
@@ -26,7 +27,7 @@ __all__ = ["RefineConfig", "RefineResult", "refine_cluster", "uff_vdw"]
 @lru_cache(maxsize=None)
 def _uff_element(z: int) -> tuple[float, float]:
     """UFF ``(x_i, D_i)`` (Å, kcal/mol) of element ``z``, read from RDKit on its simplest hydride."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, RDLogger  # lazy: RDKit takes seconds to import, only for the refinement
     from rdkit.Chem import rdForceFieldHelpers as ffh
 
     RDLogger.DisableLog("rdApp.*")
@@ -44,8 +45,6 @@ def _uff_element(z: int) -> tuple[float, float]:
     except (RuntimeError, ValueError):
         pass
     # fall back on twice the vdW radius as the minimum distance and a typical well depth
-    from ase.data import vdw_radii
-
     r = float(vdw_radii[int(z)]) if np.isfinite(vdw_radii[int(z)]) else 2.0
     return 2 * r, 0.1
 

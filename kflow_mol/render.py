@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from ase.data import chemical_symbols
+from ase.data.colors import jmol_colors
 
-from kflow_mol.molecule import bond_graph, covalent_radii
+from kflow_mol.molecule import bond_graph, covalent_radii, hill_formula
 
 PANEL_W, PANEL_H, DPI = 4.4, 5.4, 100  # inches per panel, dots per inch: the PNG is (440 k) x 540 pixels
 FOG = 0.5  # how far the farthest atoms are blended towards white
@@ -22,24 +24,12 @@ STICK = 0.09  # half-width of a bond stick (Å)
 def atom_colors(species: np.ndarray) -> np.ndarray:
     """Jmol element colours ``(n, 3)`` (RGB in [0, 1]) for atomic numbers ``(n,)``: C grey, H white,
     N blue, O red, S yellow, Cl green, ..."""
-    from ase.data.colors import jmol_colors
-
     return np.asarray(jmol_colors, dtype=float)[np.asarray(species, dtype=np.int64)]
 
 
 def atom_radii(species: np.ndarray) -> np.ndarray:
     """Drawn ball radii (Å): half the covalent radius, at least 0.2 Å (so H stays visible)."""
     return np.maximum(0.5 * covalent_radii(species), 0.2)
-
-
-def hill_formula(species: np.ndarray) -> str:
-    """Hill formula of one molecule, e.g. ``C2H2N4``."""
-    from ase.data import chemical_symbols
-
-    sym = [chemical_symbols[int(z)] for z in np.asarray(species)]
-    counts = {s: sym.count(s) for s in set(sym)}
-    order = (["C", "H"] + sorted(s for s in counts if s not in ("C", "H"))) if "C" in counts else sorted(counts)
-    return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in order if s in counts)
 
 
 def _view_rotation(pos: np.ndarray) -> np.ndarray:
@@ -142,7 +132,6 @@ def render_clusters(panels: dict[str, np.ndarray], species: np.ndarray, png: str
         head = name + (f" (zoomed out ×{zoom:.1f})" if zoom > 1.01 else "") + (f"\n{notes[name]}" if notes.get(name) else "")
         ax.set_title(head, fontsize=9.5)
     # element key
-    from ase.data import chemical_symbols
 
     present = sorted(set(species.tolist()), key=lambda z_: (z_ != 6, z_ != 1, z_))
     handles = [Line2D([], [], ls="", marker="o", ms=8, markerfacecolor=atom_colors(np.array([z_]))[0],

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .frames import body_coordinates
 from .so3 import kabsch_np
+from .symmetry import automorphisms
 
 __all__ = ["SHAPE_TOL", "Shapes", "copy_perms", "find_shapes", "shape_symmetries"]
 
@@ -62,8 +64,6 @@ def find_shapes(positions: np.ndarray, tol: float = SHAPE_TOL) -> Shapes:
     Returns:
         :class:`Shapes`.
     """
-    from .frames import body_coordinates
-
     x = np.asarray(positions, dtype=np.float64)
     M = x.shape[0]
     xc = x - x.mean(1, keepdims=True)
@@ -102,8 +102,6 @@ def shape_symmetries(species, templates: np.ndarray) -> tuple[np.ndarray, np.nda
         ``perms (K, G, n)`` long, ``rotations (K, G, 3, 3)`` and ``orders (K,)`` (the real group orders;
         rows past ``orders[k]`` repeat the identity, which changes no minimum over the group).
     """
-    from .symmetry import automorphisms
-
     found = [automorphisms(species, t) for t in templates]
     K, n = len(found), templates.shape[1]
     G = max(int(p.shape[0]) for p, _ in found)

@@ -14,6 +14,7 @@ from kflow.solver import Solution, SolverConfig
 
 from . import so3
 from .batch import ClusterBatch, RigidState, collate
+from .noise import LooseConfig, make_loose
 from .rigid import RigidKPath, closest_equivalent_rotation
 
 
@@ -106,8 +107,6 @@ class Collator:
     def __call__(self, items: list[dict]) -> AssemblyBatch:
         initial = None
         if self.resample_loose:
-            from .noise import LooseConfig, make_loose
-
             seed = int(torch.randint(0, 2**62, (1,)).item())
             rng = np.random.default_rng(seed)
             initial = [make_loose(it["final"], rng, self.noise_cfg or LooseConfig()) for it in items]
