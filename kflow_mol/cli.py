@@ -123,18 +123,12 @@ def cmd_train(args, extra) -> int:
     if result.model_path is None:  # a non-main process of a distributed run
         return 0
     if result.test is not None:
-        print("\n".join([_summary_line("test", result.test), *result.test["verdict"]]), file=sys.stderr)
+        from .evaluate import summary_line
+
+        print("\n".join([summary_line("test", result.test), *result.test["verdict"]]), file=sys.stderr)
         _warn_clashes(f"{cfg.data.name} test", result.test)
     print(f"done: {result.model_path}", file=sys.stderr)
     return 0
-
-
-def _summary_line(name: str, res: dict) -> str:
-    m, d = res.get("model", {}), res.get("do_nothing", {})
-    return (f"{name}: {res['num_clusters']} clusters, PM-atom {m.get('pm_atom', float('nan')):.2f} Å "
-            f"(symmetry-aware {m.get('pm_atom_symmetry_aware', float('nan')):.2f}), PM-centre "
-            f"{m.get('pm_center', float('nan')):.2f} Å; do-nothing PM-atom {d.get('pm_atom', float('nan')):.2f} Å; "
-            f"{res.get('seconds_per_cluster', float('nan')):.3f} s/cluster")
 
 
 def cmd_evaluate(args, extra) -> int:
@@ -148,12 +142,12 @@ def cmd_evaluate(args, extra) -> int:
                             solver=pipeline.solver_config(loaded.cfg, steps=args.steps, method=args.method),
                             refine=args.refine, device=device, progress=not args.json,
                             min_packing=ov.data.get("min_packing"))
-    if args.json:
-        from .evaluate import public
+    from .evaluate import public, summary_line
 
+    if args.json:
         print(json.dumps(public(res)))
     else:
-        print("\n".join([_summary_line(args.split, res), *res["verdict"]]))
+        print("\n".join([summary_line(args.split, res), *res["verdict"]]))
         if "model_refined" in res:
             r = res["model_refined"]
             print(f"refined (reported separately): PM-atom {r['pm_atom']:.2f} Å (symmetry-aware "
@@ -172,29 +166,14 @@ def _warn_clashes(name: str, res: dict) -> None:
         print(warning, file=sys.stderr)
 
 
-def _read_input(args):
-    """The command's input (``INPUT`` or ``--smiles``) as a :class:`kflow_mol.pipeline.ClusterInput`."""
-    from . import pipeline
-
-    return pipeline.read_input(args.input, smiles=args.smiles, seed=args.seed, limits=_cif_limits(args))
-
-
 def cmd_assemble(args, extra) -> int:
     t_start = time.perf_counter()
     from . import pipeline
-    from .build import deadline, run_limited
 
-    device = check_device(args.device or "cpu")
-    what = args.input or f"SMILES '{args.smiles}'"
-    # a bad input is reported before the model loads; reading it (a CIF's symmetry expansion) runs in a worker
-    # that is killed at the time limit and memory-capped, the rest of the command runs under the same deadline
-    inp = run_limited(_read_input, args, timeout=args.timeout or None, max_memory_gb=args.max_memory_gb or None,
-                      what=what)
-    t_read = time.perf_counter() - t_start
-    with deadline(max(args.timeout - (time.perf_counter() - t_start), 1e-3) if args.timeout else None, what):
-        loaded = pipeline.load_model(args.ckpt, device)
-        m = pipeline.assemble(inp, loaded, args.out, solver=pipeline.solver_config(loaded.cfg, steps=args.steps),
-                              seed=args.seed, refine=args.refine, device=device, started=t_start, read_seconds=t_read)
+    inp, m = pipeline.assemble_file(args.input, args.out, smiles=args.smiles, ckpt=args.ckpt, steps=args.steps,
+                                    seed=args.seed, refine=args.refine, device=check_device(args.device or "cpu"),
+                                    limits=_cif_limits(args), timeout=args.timeout,
+                                    max_memory_gb=args.max_memory_gb, started=t_start)
     if inp.known:
         print(f"{m['id']}: PM-atom {m['model']['pm_atom']:.2f} Å (symmetry-aware "
               f"{m['model']['pm_atom_symmetry_aware']:.2f}); do-nothing "
@@ -206,7 +185,7 @@ def cmd_assemble(args, extra) -> int:
               + (f", PM-atom {rm['pm_atom']:.2f} Å (symmetry-aware {rm['pm_atom_symmetry_aware']:.2f})" if rm else ""))
     _warn_clashes(m["id"], m)
     print(f"time: sampling {m['seconds']:.2f} s ({m['model_calls']} model evaluations); total "
-          f"{m['seconds_total']:.2f} s (reading the input {t_read:.2f} s)")
+          f"{m['seconds_total']:.2f} s (reading the input {m['seconds_read_input']:.2f} s)")
     print(f"wrote {Path(args.out)}/assembled.cif, assembled.extxyz, trajectory.extxyz, assembled.png, metrics.json")
     return 0
 
@@ -228,9 +207,8 @@ def cmd_build(args, extra) -> int:
 def cmd_inspect(args, extra) -> int:
     from . import pipeline
 
-    args.smiles = None
     noise = instantiate(compose("mol", extra).noise)
-    inp = _read_input(args)
+    inp = pipeline.read_input(args.input, seed=args.seed, limits=_cif_limits(args))
     info = pipeline.inspect(inp, noise, Path(args.png or f"{inp.record.id}_cluster.png"), seed=args.seed)
     print(json.dumps(info, indent=1))
     return 0

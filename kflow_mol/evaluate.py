@@ -145,6 +145,15 @@ def verdict(model: dict, floors: dict, clashes: dict) -> list[str]:
     return lines
 
 
+def summary_line(name: str, res: dict) -> str:
+    """One line of an :func:`evaluate` result: the model's PM-atom, PM-centre, the do-nothing floor, speed."""
+    m, d = res.get("model", {}), res.get("do_nothing", {})
+    return (f"{name}: {res['num_clusters']} clusters, PM-atom {m.get('pm_atom', float('nan')):.2f} Å "
+            f"(symmetry-aware {m.get('pm_atom_symmetry_aware', float('nan')):.2f}), PM-centre "
+            f"{m.get('pm_center', float('nan')):.2f} Å; do-nothing PM-atom {d.get('pm_atom', float('nan')):.2f} Å; "
+            f"{res.get('seconds_per_cluster', float('nan')):.3f} s/cluster")
+
+
 def clash_warning(name: str, clashes: dict) -> str | None:
     """The stderr warning for an assembly with clashes (``None`` when there are none)."""
     if "clusters_with_clashes" in clashes:
@@ -212,4 +221,4 @@ def public(result: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, default=float))
 
 
-__all__ = ["clash_warning", "evaluate", "predict_clusters", "pm_histogram", "public", "verdict"]
+__all__ = ["clash_warning", "evaluate", "predict_clusters", "pm_histogram", "public", "summary_line", "verdict"]

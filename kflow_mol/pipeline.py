@@ -29,6 +29,7 @@ from kflow.solver import SolverConfig
 from kflow.train import TrainConfig, Trainer
 from kflow.utils import atomic_save, atomic_write_text, load_checkpoint, seed_everything
 
+from .build import deadline, run_limited
 from .cif import cluster_from_cif
 from .data import N_MOLECULES, BuildError, ClusterRecord
 from .dataset import load_prepared, prepare, rejection_summary, split_indices
@@ -406,6 +407,32 @@ def assemble(inp: ClusterInput, loaded: LoadedModel, out: str | Path, solver: So
     metrics["seconds_read_input"] = read_seconds
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
     return metrics
+
+
+def assemble_file(path: str | None, out: str | Path, smiles: str | None = None, ckpt: str | Path | None = None,
+                  steps: int | None = None, seed: int = 0, refine: bool = False, device="cpu",
+                  limits: CifLimits | None = None, timeout: float | None = None,
+                  max_memory_gb: float | None = None, started: float | None = None) -> tuple[ClusterInput, dict]:
+    """The ``assemble`` command: read one input, then load the model and :func:`assemble` it, within limits.
+
+    A bad input is reported before the model loads: reading it (a CIF's symmetry expansion) runs in a forked
+    worker that is memory-capped (``max_memory_gb``) and killed at the time limit; loading and assembling run
+    under the same deadline (``timeout`` s for the whole command, from ``started``; None: no limits).
+
+    Returns:
+        ``(input, metrics)``: the input read and the ``metrics.json`` object (``seconds_read_input`` is the time
+        the reading took).
+    """
+    started = time.perf_counter() if started is None else started
+    what = path or f"SMILES '{smiles}'"
+    inp = run_limited(read_input, path, smiles, seed, limits, timeout=timeout or None,
+                      max_memory_gb=max_memory_gb or None, what=what)
+    t_read = time.perf_counter() - started
+    with deadline(max(timeout - (time.perf_counter() - started), 1e-3) if timeout else None, what):
+        loaded = load_model(ckpt, device)
+        metrics = assemble(inp, loaded, out, solver=solver_config(loaded.cfg, steps=steps), seed=seed, refine=refine,
+                           device=device, started=started, read_seconds=t_read)
+    return inp, metrics
 
 
 def inspect(inp: ClusterInput, noise, png: str | Path, seed: int = 0) -> dict:
