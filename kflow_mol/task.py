@@ -3,7 +3,7 @@ the core path and solver; this module only adds the rigid-body plumbing)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -147,12 +147,26 @@ class AssemblyTask:
         rot_late_weight: weight the rotational loss by ``1 / (1 - min(mu_r, 0.9))^2`` (``rotation="own"``;
             with the re-estimated rotation source an endpoint error at ``mu_r`` becomes a velocity error
             ``1 / (1 - mu_r)`` times larger, so late errors matter most; FrameFlow's weighting).
+        shared_start: the rotational source is one uniform random orientation per distinct shape of each
+            cluster instead of the loose orientations: copies of a shape start parallel. The loose
+            orientations carry no information (the noise model draws them uniformly), and in a crystal most
+            copies of a shape are parallel (translation-related; ``benchmarks/mol_orientation_classes.py``),
+            so the network makes one collective turn per shape instead of 17 independent ones.
     """
 
     def __init__(self, path: RigidKPath, symmetric_targets: bool = True, rot_weight: float = 1.0,
-                 rot_late_weight: bool = False):
+                 rot_late_weight: bool = False, shared_start: bool = False):
         self.path, self.symmetric_targets, self.rot_weight = path, symmetric_targets, rot_weight
-        self.rot_late_weight = rot_late_weight
+        self.rot_late_weight, self.shared_start = rot_late_weight, shared_start
+
+    def source(self, batch: AssemblyBatch, generator: torch.Generator | None = None) -> AssemblyBatch:
+        """``batch`` with its rotational source: unchanged, or with ``shared_start`` every copy of a shape
+        turned to one random orientation (its loose centroid is kept)."""
+        if not self.shared_start:
+            return batch
+        G = so3.random_rotation(batch.clusters.num_shapes, generator=generator, dtype=batch.R0.dtype,
+                                device=batch.R0.device)
+        return replace(batch, R0=G[batch.clusters.mol_shape])
 
     def targets(self, batch: AssemblyBatch) -> Tensor:
         """Target orientations ``(B, M, 3, 3)``: closest symmetry-equivalent to ``R0`` (or the labelled)."""
@@ -187,6 +201,7 @@ class AssemblyTask:
     def loss(self, model: nn.Module, batch: AssemblyBatch) -> tuple[Tensor, dict]:
         """Atom-level endpoint MSE at a uniform random ``k`` (``loss_fn`` of :class:`kflow.train.Trainer`)."""
         b = batch.c0.shape[0]
+        batch = self.source(batch)
         R1 = self.targets(batch)
         k = torch.rand(b, device=batch.c0.device, dtype=batch.c0.dtype)
         transform = self._transform(batch)
@@ -209,6 +224,7 @@ class AssemblyTask:
             atom-level rotational RMSD (Å) of the prediction and of ``R_k``, ``rot_rmsd_hat`` / ``rot_rmsd_k``
             ``(B, M)``.
         """
+        batch = self.source(batch)
         R1 = self.targets(batch)
         transform = self._transform(batch)
         ps = self.path.sample(transform, batch.c0, batch.R0, batch.c1, R1, k)
@@ -238,6 +254,7 @@ class AssemblyTask:
             raise ValueError(f"the rigid sampler integrates with exact increments only (method='exact'), "
                              f"got '{method}'")
         t0 = time.perf_counter()
+        batch = self.source(batch)
         transform = self._transform(batch)
         s = self.path.start(batch.c0)
         cache = model.encode_templates(batch.clusters) if hasattr(model, "encode_templates") else None

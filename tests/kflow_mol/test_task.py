@@ -1,5 +1,6 @@
 """Assembly task: the loss trains, the oracle lands on the packed cluster, targets are well posed."""
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,33 @@ def test_oracle_assembles_exactly_and_symmetry_aware_pm_is_zero(clusters, window
         assert slack < 0.5
         assert m["pm_atom_symmetry_aware"] < slack
         assert m["pm_atom"] == pytest.approx(floor["pm_atom"], abs=slack)
+
+
+def test_shared_start_turns_copies_of_a_shape_parallel_and_the_oracle_still_assembles(clusters):
+    """shared_start: one random source orientation per distinct shape, loose centroids kept; a perfect network
+    still reaches the crystal (up to each shape's symmetry) from it."""
+    from kflow_mol.rigid import rotation_error
+
+    task = AssemblyTask(RigidKPath(BandSchedule(1.0), rotation="own", rot_source="estimate"), shared_start=True)
+    batch = make_batch(clusters, dtype=torch.float64)
+    torch.manual_seed(0)
+    src = task.source(batch)
+    ms = batch.clusters.mol_shape
+    same = ms[:, :, None] == ms[:, None, :]  # (B, M, M)
+    diff = (src.R0[:, :, None] - src.R0[:, None]).abs().amax((-1, -2))
+    assert same.sum() > ms.numel() and diff[same].max() == 0
+    assert (diff[~same] > 1e-3).all() and (src.R0[0, 0] - src.R0[1, 0]).abs().max() > 1e-3  # shapes, clusters differ
+    assert torch.equal(src.c0, batch.c0) and not torch.allclose(src.R0, batch.R0)
+    assert AssemblyTask(task.path).source(batch) is batch  # off: the loose orientations
+
+    class Perfect(torch.nn.Module):  # the exact residual to the closest equivalent of the truth, from any state
+        def forward(self, x_k, k, batch=None, node_features=None):
+            best = task.targets(replace(src, R0=x_k.R))
+            return torch.cat([src.c1 - x_k.c, so3.log(best @ x_k.R.transpose(-1, -2))], -1)
+
+    res = task.sample(Perfect(), batch, steps=7)
+    assert torch.allclose(res.c, batch.c1, atol=1e-8)
+    assert rotation_error(res.R, batch.R1, batch.symmetries, batch.sym_mask).max() < 1e-4
 
 
 def test_closest_equivalent_target_never_rotates_more_than_labelled(clusters):
