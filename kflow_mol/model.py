@@ -428,7 +428,6 @@ class AssemblyNet(nn.Module):
             bi, ii, jj = keep.nonzero(as_tuple=True)
         scal = xp.new_zeros(B, M, M, Fs)
         vec = xp.new_zeros(B, M, M, Dv)
-        self.last_num_pairs = int(bi.numel())  # for profiling
         if bi.numel() == 0:
             return scal, vec
         ci, cj = c[bi, ii], c[bi, jj]
