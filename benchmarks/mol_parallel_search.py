@@ -4,8 +4,8 @@
 the largest class of their shape (translation-related copies are parallel). This tests whether a pair energy
 finds that one orientation when the search is reduced to it: for single-shape clusters, at the true centroids
 (optionally with Gaussian noise of ``--sigma`` Å on them), draw ``--candidates`` uniform rotations ``G``, place
-every copy as ``c_i + template @ G^T``, score the UFF 12-6 intermolecular energy (the form of
-:mod:`kflow_mol.refine`; the scan on heavy atoms, 6 Å cutoff), L-BFGS-refine the 5 best over ``G`` (all atoms,
+every copy as ``c_i + template @ G^T``, score the UFF 12-6 intermolecular energy (:func:`kflow_mol.refine._energy`;
+the scan on heavy atoms, 6 Å cutoff), L-BFGS-refine the 5 best over ``G`` (all atoms,
 8 Å, float64) and keep the lowest. Reports per cluster the angle from ``G*`` to each copy's true orientation
 (closest symmetry-equivalent), against the largest-class ceiling and the energy of the true largest class::
 
@@ -24,25 +24,7 @@ import torch
 from kflow_mol import so3
 from kflow_mol.dataset import load_prepared
 from kflow_mol.refine import _energy, uff_vdw
-
-
-def _angle(Ra: np.ndarray, Rb: np.ndarray) -> float:
-    return float(np.degrees(np.arccos(np.clip((np.trace(Ra.T @ Rb) - 1) / 2, -1, 1))))
-
-
-def scan_energy(pos: torch.Tensor, x: torch.Tensor, d: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """``_energy`` for a stack of candidate clusters: ``pos (N, M, n, 3)`` -> ``(N,)``."""
-    N, m, n, _ = pos.shape
-    r = torch.cdist(pos.reshape(N, m * n, 3), pos.reshape(N, m * n, 3)).reshape(N, m, n, m, n)
-    other = ~torch.eye(m, dtype=torch.bool)[None, :, None, :, None]
-    xx, dd = x[None, None, :, None, :], d[None, None, :, None, :]
-    r0 = 0.7 * xx
-    u6 = (xx / torch.maximum(r, r0)) ** 6
-    e = dd * (u6 * u6 - 2 * u6)
-    slope = dd * (-12 * (xx / r0) ** 12 + 12 * (xx / r0) ** 6) / r0
-    e = torch.where(r < r0, e + slope * (r - r0), e)
-    e = torch.where(other & (r < cutoff), e, torch.zeros_like(e))
-    return 0.5 * e.flatten(1).sum(1)
+from mol_orientation_classes import _angle  # the benchmark beside this one (scripts run from benchmarks/)
 
 
 def search(species: np.ndarray, template: np.ndarray, c: torch.Tensor, candidates: int, seed: int = 0):
@@ -53,8 +35,8 @@ def search(species: np.ndarray, template: np.ndarray, c: torch.Tensor, candidate
     G = roma.random_rotmat(candidates, dtype=torch.float64)
     heavy = torch.from_numpy(np.asarray(species) > 1)  # the scan on heavy atoms only (about 4x fewer pairs)
     Th, xh, dh = T[heavy], x[heavy][:, heavy].float(), d[heavy][:, heavy].float()
-    E = torch.cat([scan_energy((c[None, :, None, :] + torch.einsum("nj,gij->gni", Th, g)[:, None]).float(),
-                               xh, dh, 6.0) for g in G.split(16)]).double()
+    E = torch.cat([_energy((c[None, :, None, :] + torch.einsum("nj,gij->gni", Th, g)[:, None]).float(),
+                           xh, dh, 6.0) for g in G.split(16)]).double()
     best = []
     for b in E.argsort()[:5]:
         om = torch.zeros(3, dtype=torch.float64, requires_grad=True)

@@ -81,9 +81,11 @@ class RefineResult:
 
 
 def _energy(pos: torch.Tensor, x: torch.Tensor, d: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """UFF 12-6 energy of intermolecular pairs: ``pos (M, n, 3)``, ``x, d (n, n)``."""
-    m, n, _ = pos.shape
-    r = torch.cdist(pos.reshape(m * n, 3), pos.reshape(m * n, 3)).reshape(m, n, m, n)
+    """UFF 12-6 energy of intermolecular pairs: ``pos (..., M, n, 3)``, ``x, d (n, n)`` -> ``(...)`` (a stack
+    of candidate clusters is scored in one call)."""
+    *lead, m, n, _ = pos.shape
+    flat = pos.reshape(*lead, m * n, 3)
+    r = torch.cdist(flat, flat).reshape(*lead, m, n, m, n)
     other = ~torch.eye(m, dtype=torch.bool)[:, None, :, None]
     xx, dd = x[None, :, None, :], d[None, :, None, :]
     # soft core: below 0.7 x the 12-6 curve is continued linearly in r (finite for overlapping atoms)
@@ -94,7 +96,7 @@ def _energy(pos: torch.Tensor, x: torch.Tensor, d: torch.Tensor, cutoff: float) 
     slope = dd * (-12 * (xx / r0) ** 12 + 12 * (xx / r0) ** 6) / r0
     e = torch.where(r < r0, e + slope * (r - r0), e)
     e = torch.where(other & (r < cutoff), e, torch.zeros_like(e))
-    return 0.5 * e.sum()
+    return 0.5 * e.flatten(-4).sum(-1)
 
 
 def refine_cluster(species: np.ndarray, template: np.ndarray, c: np.ndarray, R: np.ndarray,

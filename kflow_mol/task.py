@@ -159,13 +159,13 @@ class AssemblyTask:
         self.path, self.symmetric_targets, self.rot_weight = path, symmetric_targets, rot_weight
         self.rot_late_weight, self.shared_start = rot_late_weight, shared_start
 
-    def source(self, batch: AssemblyBatch, generator: torch.Generator | None = None) -> AssemblyBatch:
+    def source(self, batch: AssemblyBatch) -> AssemblyBatch:
         """``batch`` with its rotational source: unchanged, or with ``shared_start`` every copy of a shape
-        turned to one random orientation (its loose centroid is kept)."""
+        turned to one random orientation (global RNG, which the trainer reseeds per batch; its loose centroid
+        is kept)."""
         if not self.shared_start:
             return batch
-        G = so3.random_rotation(batch.clusters.num_shapes, generator=generator, dtype=batch.R0.dtype,
-                                device=batch.R0.device)
+        G = so3.random_rotation(batch.clusters.num_shapes, dtype=batch.R0.dtype, device=batch.R0.device)
         return replace(batch, R0=G[batch.clusters.mol_shape])
 
     def targets(self, batch: AssemblyBatch) -> Tensor:
