@@ -312,6 +312,13 @@ class AssemblyNet(nn.Module):
             ``R``; the turn is the rotation that best takes the current vectors there).
         self_interaction: add a node x environment tensor product to every molecule-level layer (see
             :class:`_MolLayer`).
+        lattice_layers: ``> 0`` adds the *lattice stream* (needs ``rot_output="anchor"``): molecule-level layers
+            that see the centroids, the shapes' invariants, ``k`` and the node features but no orientation
+            and no contact, and predict where each pooled body vector should point (``v_j``, added to the
+            anchor sum). The target orientation of a packed molecule is a function of the lattice around it;
+            the current orientations are noise until the molecules are nearly in place, and fed together they
+            keep the network from learning that function even on one training cluster (measured:
+            ``benchmarks/mol_orientation_probe.py``, ``BENCHMARKS.md``).
     """
 
     def __init__(
@@ -336,12 +343,16 @@ class AssemblyNet(nn.Module):
         length_unit: float = 5.0,
         rot_output: str = "rotvec",
         self_interaction: bool = False,
+        lattice_layers: int = 0,
     ):
         super().__init__()
         if rot_output not in ("rotvec", "quat", "matrix", "anchor"):
             raise ValueError(f"rot_output must be 'rotvec', 'quat', 'matrix' or 'anchor', got '{rot_output}'")
         if rot_output in ("matrix", "anchor") and hidden_l2 <= 0:
             raise ValueError(f"rot_output='{rot_output}' needs hidden_l2 > 0 (the symmetric part of the turn is 2e)")
+        if lattice_layers < 0 or (lattice_layers and rot_output != "anchor"):
+            raise ValueError(f"lattice_layers must be >= 0 and needs rot_output='anchor', got {lattice_layers} "
+                             f"with rot_output='{rot_output}'")
         self.rot_output = rot_output
         self.node_feature_dim = node_feature_dim
         self.rc, self.tau, self.K = contact_cutoff, softmin_tau, contact_rbf
@@ -385,6 +396,20 @@ class AssemblyNet(nn.Module):
             [_MolLayer(self.irreps_h, self.irreps_msg, self.irreps_sh, self.irreps_evh, 64, hidden_scalars,
                        self_interaction) for _ in range(mol_layers)]
         )
+        self.lattice = None
+        if lattice_layers:
+            # Orientation-free inputs only: invariants, the position in the cluster (1o) and centroid edges.
+            vec_h = o3.Irreps([(m, ir) for m, ir in self.irreps_h if ir.l > 0])
+            self.lattice = nn.ModuleDict({
+                "scalar_in": _mlp([enc_scalars + 32 + node_feature_dim + 1, 64, hidden_scalars]),
+                "vec_in": o3.Linear(o3.Irreps("1x1o"), vec_h),
+                "edge": _mlp([self.num_centroid_rbf, 64, 64]),
+                "ev": o3.Linear(o3.Irreps("1x1o"), self.irreps_evh),
+                "layers": nn.ModuleList(
+                    [_MolLayer(self.irreps_h, self.irreps_msg, self.irreps_sh, self.irreps_evh, 64, hidden_scalars,
+                               self_interaction) for _ in range(lattice_layers)]),
+                "head": o3.Linear(self.irreps_h, o3.Irreps(f"{enc_vectors}x1o+{enc_vectors}x1e")),
+            })
         head = {"rotvec": "1x1o+1x1e", "quat": "1x1o+1x1e+1x0e", "matrix": "1x1o+1x0e+1x1e+1x2e",
                 "anchor": f"1x1o+1x0e+1x1e+1x2e+{enc_vectors}x1o+{enc_vectors}x1e"}[rot_output]
         self.head = o3.Linear(self.irreps_h, o3.Irreps(head))
@@ -485,6 +510,16 @@ class AssemblyNet(nn.Module):
              quad.reshape(P, -1)], dim=-1)
         return scal, vec
 
+    def _lattice_vectors(self, scal_in, rel, rbf, cij, sh, offdiag) -> torch.Tensor:
+        """The lattice stream's absolute targets ``v_j`` of the body vectors, ``(B, M, V, 3)`` Cartesian."""
+        lat = self.lattice
+        h = torch.cat([lat["scalar_in"](scal_in), lat["vec_in"](_to_e3nn(rel))], dim=-1)
+        z, ev = lat["edge"](rbf), lat["ev"](_to_e3nn(cij) / self.pos_scale)
+        for layer in lat["layers"]:
+            h = layer(h, sh, z, ev, offdiag)
+        B, M = h.shape[:2]
+        return lat["head"](h).reshape(B, M, -1, 3)[..., _FROM_E3NN]
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -545,7 +580,8 @@ class AssemblyNet(nn.Module):
         if self.node_feature_dim:
             parts.append(node_features.to(c.dtype))
         parts.append(rel.norm(dim=-1, keepdim=True))
-        h = torch.cat([self.node_scalar_in(torch.cat(parts, -1)), self.node_vec_in(nvec)], dim=-1)
+        scal_in = torch.cat(parts, -1)  # orientation-free
+        h = torch.cat([self.node_scalar_in(scal_in), self.node_vec_in(nvec)], dim=-1)
 
         # ---- edges (dense, i receives from j)
         cs, cv = self._contacts(xp, c, batch, s_c, radius)
@@ -555,8 +591,8 @@ class AssemblyNet(nn.Module):
         # Diagonal entries are masked out of every sum; give them a harmless direction (no NaN in SH).
         safe = torch.where(eye[..., None], torch.ones_like(cij), cij)
         sh = o3.spherical_harmonics(self.irreps_sh, safe, normalize=True, normalization="component")
-        z = self.edge_mlp(torch.cat([_gaussians(dij, 0.0, 60.0, self.num_centroid_rbf), cs,
-                                     cs.transpose(1, 2)], dim=-1))
+        rbf = _gaussians(dij, 0.0, 60.0, self.num_centroid_rbf)
+        z = self.edge_mlp(torch.cat([rbf, cs, cs.transpose(1, 2)], dim=-1))
         cv_t = cv.transpose(1, 2)
         ev = self.ev_embed(torch.cat([cv, cv_t, _to_e3nn(cij) / self.pos_scale], dim=-1))
         offdiag = (~eye).to(c.dtype)[..., None]
@@ -574,6 +610,8 @@ class AssemblyNet(nn.Module):
                 # the random current R_k, instead of composing it with R_k^T itself. Symmetric shapes whose
                 # pooled vectors vanish (D2h acenes) fall back on the relative term I + A.
                 v = out[..., 12:].reshape(B, M, -1, 3)[..., _FROM_E3NN]
+                if self.lattice is not None:
+                    v = v + self._lattice_vectors(scal_in, rel, rbf, cij, sh, offdiag)
                 A = A + torch.einsum("bmvi,bmvj->bmij", v, body)
             omega = roma.rotmat_to_rotvec(roma.special_procrustes(A))
         else:

@@ -86,12 +86,12 @@ def test_collate_rejects_bad_input():
         collate([])
 
 
-@pytest.mark.parametrize("rot_output,self_interaction",
-                         [("rotvec", False), ("quat", False), ("matrix", False), ("matrix", True),
-                          ("anchor", True)])
-def test_rotation_translation_equivariance(setup, rot_output, self_interaction):
+@pytest.mark.parametrize("rot_output,self_interaction,lattice_layers",
+                         [("rotvec", False, 0), ("quat", False, 0), ("matrix", False, 0), ("matrix", True, 0),
+                          ("anchor", True, 0), ("anchor", True, 1)])
+def test_rotation_translation_equivariance(setup, rot_output, self_interaction, lattice_layers):
     _, batch, x, k, nf = setup
-    model = _model(rot_output=rot_output, self_interaction=self_interaction)
+    model = _model(rot_output=rot_output, self_interaction=self_interaction, lattice_layers=lattice_layers)
     out = model(x, k, batch=batch, node_features=nf)
     assert out.shape == (2, M, 6) and torch.isfinite(out).all()
     shift = torch.tensor([3.0, -7.0, 11.0], dtype=torch.float64)
@@ -108,11 +108,11 @@ def test_rotation_translation_equivariance(setup, rot_output, self_interaction):
     assert (out[..., :3] @ Q.T - out[..., :3]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("rot_output", ["rotvec", "anchor"])
-def test_body_frame_choice_does_not_matter(setup, rot_output):
+@pytest.mark.parametrize("rot_output,lattice_layers", [("rotvec", 0), ("anchor", 0), ("anchor", 1)])
+def test_body_frame_choice_does_not_matter(setup, rot_output, lattice_layers):
     """The network sees atom positions only: t -> Q0 t with R -> R Q0^T gives the same output."""
     items, batch, x, k, nf = setup
-    model = _model(rot_output=rot_output)
+    model = _model(rot_output=rot_output, lattice_layers=lattice_layers)
     Q0 = roma.unitquat_to_rotmat(roma.random_unitquat(dtype=torch.float64))
     batch2 = collate([(s, t @ Q0.T) for s, t in items], dtype=torch.float64)
     out = model(x, k, batch=batch, node_features=nf)
@@ -228,3 +228,33 @@ def test_ema_copy_keeps_state_dict_keys():
     fresh = AssemblyNet(node_feature_dim=2, enc_scalars=8, enc_vectors=2, enc_layers=1, hidden_scalars=8,
                         hidden_vectors=2, hidden_l2=2, mol_layers=1)
     fresh.load_state_dict(ema.state_dict()["model"])
+
+
+def test_lattice_stream_ignores_orientations(setup, monkeypatch):
+    """The lattice stream's targets ``v_j`` depend on the centroids only (not on any orientation, nor on the
+    contacts the orientations make), and they do reach the output."""
+    _, batch, x, k, nf = setup
+    model = _model(rot_output="anchor", self_interaction=True, lattice_layers=1)
+    seen = []
+    inner = model._lattice_vectors
+    monkeypatch.setattr(model, "_lattice_vectors", lambda *a: seen.append(inner(*a)) or seen[-1])
+    torch.manual_seed(5)
+    R2 = roma.unitquat_to_rotmat(roma.random_unitquat(x.R.shape[:2], dtype=torch.float64))
+    out1 = model(x, k, batch=batch, node_features=nf)
+    out2 = model(RigidState(x.c, R2), k, batch=batch, node_features=nf)
+    assert torch.equal(seen[0], seen[1]) and seen[0].abs().max() > 1e-3
+    with torch.no_grad():
+        for p in model.lattice["head"].parameters():
+            p.mul_(2.0)
+    try:
+        assert (model(x, k, batch=batch, node_features=nf) - out1)[..., 3:].abs().max() > 1e-6
+    finally:
+        with torch.no_grad():
+            for p in model.lattice["head"].parameters():
+                p.mul_(0.5)
+    assert (out1 - out2).abs().max() > 1e-3  # the rest of the network does see the orientations
+
+
+def test_lattice_stream_needs_anchor():
+    with pytest.raises(ValueError, match="lattice_layers"):
+        _build(rot_output="matrix", lattice_layers=1)
