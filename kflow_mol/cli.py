@@ -3,7 +3,8 @@
 Flags are documented in ``--help``; any ``key=value`` after the flags is a hydra override of
 ``configs/mol.yaml`` (e.g. ``schedule=flow`` for the baseline, ``trainer.steps=2000``, ``model=mol_tiny``).
 
-This module only parses arguments and prints: the work is done by :mod:`kflow_mol.pipeline`.
+This module only parses arguments and composes the config: the cheap input checks are
+:mod:`kflow_mol.limits`, the work and what each command prints :mod:`kflow_mol.pipeline`.
 """
 from __future__ import annotations
 
@@ -41,11 +42,6 @@ EPILOG = """examples:
 """
 
 
-# flag -> config key of the hydra overrides a command's flags stand for (--data and --baseline: see _overrides)
-OVERRIDE_FLAGS = (("data_root", "data.root"), ("run_dir", "trainer.run_dir"), ("steps", "trainer.steps"),
-                  ("device", "trainer.device"))
-
-
 def _overrides(args, extra: list[str]) -> list[str]:
     """The hydra overrides of ``configs/mol.yaml`` the flags stand for, then the trailing ``key=value`` ones."""
     from kflow.cli import configs_dir
@@ -54,8 +50,9 @@ def _overrides(args, extra: list[str]) -> list[str]:
     data = getattr(args, "data", None)
     known = data and (configs_dir() / "data" / f"{data}.yaml").exists()
     ov = [f"data={data}" if known else f"data.name={data}"] if data else []
-    ov += [f"{key}={getattr(args, flag)}" for flag, key in OVERRIDE_FLAGS
-           if getattr(args, flag, None) and (flag != "steps" or args.cmd == "train")]
+    keys = {"data_root": "data.root", "run_dir": "trainer.run_dir", "steps": "trainer.steps", "device": "trainer.device"}
+    ov += [f"{key}={getattr(args, flag)}" for flag, key in keys.items()
+           if getattr(args, flag, None) and (flag != "steps" or args.cmd == "train")]  # evaluate: sampling steps
     return ov + (["schedule=flow"] if getattr(args, "baseline", False) else []) + extra
 
 

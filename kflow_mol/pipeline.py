@@ -314,7 +314,7 @@ def read_input(path: str | None = None, smiles: str | None = None, seed: int = 0
     """The cluster of one input: a crystal CIF, an official CSV, a 17-molecule XYZ/extxyz/PDB cluster, a
     single molecule (SDF/MOL/XYZ) or a SMILES (``seed``: its RDKit conformer).
 
-    ``path`` must be an existing file of a supported type (``kflow-mol`` checks it before anything heavy loads).
+    ``path`` must be an existing file of a supported type (:func:`kflow_mol.limits.check_input_file`).
     """
     if smiles:
         species, pos = molecule_from_smiles(smiles, seed=seed)
