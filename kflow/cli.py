@@ -68,6 +68,17 @@ def run_command(fn, args: Any, extra: list[str], bad_input: tuple = ()) -> int:
         return EXIT_BAD_INPUT
 
 
+def check_overrides(extra: list[str], hint: str = "") -> None:
+    """Refuse trailing arguments that are not hydra overrides (``key=value``): one error line, exit 2.
+
+    Args:
+        hint: appended to the message (e.g. where to read the command's help).
+    """
+    bad = [e for e in extra if "=" not in e]
+    if bad:
+        raise InputError(f"unrecognised arguments {bad}; hydra overrides look like key=value{hint}")
+
+
 def check_device(name: str | None):
     """The ``torch.device`` for ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``), checked before any work.
 

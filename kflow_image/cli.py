@@ -24,7 +24,7 @@ import argparse
 import json
 import time
 
-from kflow.cli import InputError, compose, configs_dir, run_command, to_container
+from kflow.cli import InputError, check_overrides, compose, configs_dir, run_command, to_container
 
 CLASS_GROUPS = ("data", "model", "trainer")
 LEGACY_KEYS = {"sample.x0_mode": "solver.source"}  # overrides of runs written before solver.source
@@ -33,9 +33,7 @@ LEGACY_KEYS = {"sample.x0_mode": "solver.source"}  # overrides of runs written b
 def _overrides(extra: list[str], groups: bool = True) -> list[tuple[str, str]]:
     """``(key, value)`` of ``key=value`` overrides; ``groups``: ``data=X``/``model=X``/``trainer=X`` pick
     the image groups. Anything else is refused."""
-    bad = [e for e in extra if "=" not in e]
-    if bad:
-        raise InputError(f"unrecognised arguments {bad}; hydra overrides look like key=value")
+    check_overrides(extra)
     out = []
     for e in extra:
         key, _, val = e.partition("=")

@@ -1,8 +1,9 @@
 """The molecule application as a library: model files, training, evaluation, reading one input and
 assembling it.
 
-``kflow-mol`` (:mod:`kflow_mol.cli`) only parses arguments, composes the hydra config and prints; the
-benchmarks and the tests call these functions. Configs are the composed ``configs/mol.yaml`` (an OmegaConf
+``kflow-mol`` (:mod:`kflow_mol.cli`) only parses arguments, composes the hydra config and calls these
+functions, the report functions at the end included (what each command prints); the benchmarks and the tests
+call them too. Configs are the composed ``configs/mol.yaml`` (an OmegaConf
 ``DictConfig``, as :func:`kflow.cli.compose` returns it and :func:`load_model` rebuilds it from a model file).
 Bad user input raises :class:`kflow.cli.InputError`. Progress lines go to ``log`` (default: stderr).
 
@@ -29,12 +30,13 @@ from kflow.solver import SolverConfig
 from kflow.train import TrainConfig, Trainer
 from kflow.utils import atomic_save, atomic_write_text, load_checkpoint, seed_everything
 
-from .build import deadline, run_limited
+from .build import LooseNoise, deadline, run_limited
+from .build import build_dataset as build_clusters
 from .cif import cluster_from_cif
 from .data import N_MOLECULES, BuildError, ClusterRecord
 from .dataset import load_prepared, prepare, rejection_summary, split_indices
+from .evaluate import clash_warning, pm_histogram, public, refine_positions, summary_line, verdict
 from .evaluate import evaluate as evaluate_clusters
-from .evaluate import pm_histogram, public, refine_positions, verdict
 from .io import (
     molecule_from_smiles,
     read_cluster_xyz,
@@ -60,13 +62,18 @@ __all__ = [
     "Reference",
     "TrainResult",
     "assemble",
+    "assemble_file",
     "build_components",
+    "build_dataset",
     "evaluate",
     "export_model",
     "inspect",
     "load_data",
     "load_model",
     "read_input",
+    "report_assembly",
+    "report_evaluation",
+    "report_train",
     "solver_config",
     "train",
 ]
@@ -307,7 +314,7 @@ def read_input(path: str | None = None, smiles: str | None = None, seed: int = 0
     """The cluster of one input: a crystal CIF, an official CSV, a 17-molecule XYZ/extxyz/PDB cluster, a
     single molecule (SDF/MOL/XYZ) or a SMILES (``seed``: its RDKit conformer).
 
-    ``path`` must be an existing file of a supported type (``kflow-mol`` checks it before anything heavy loads).
+    ``path`` must be an existing file of a supported type (:func:`kflow_mol.limits.check_input_file`).
     """
     if smiles:
         species, pos = molecule_from_smiles(smiles, seed=seed)
@@ -436,14 +443,15 @@ def assemble_file(path: str | None, out: str | Path, smiles: str | None = None, 
     return inp, metrics
 
 
-def inspect(inp: ClusterInput, noise, png: str | Path, seed: int = 0) -> dict:
+def inspect(inp: ClusterInput, noise, png: str | Path | None = None, seed: int = 0) -> dict:
     """Describe one input (size, symmetry, rigid shapes; the floors when its packing is known) and render its
-    loose and packed states into ``png``.
+    loose and packed states into ``png`` (default: ``<id>_cluster.png``).
 
     Args:
         noise: the loose-state noise config; ``seed``: its draw (the same as ``assemble``'s).
     """
     record, known = inp.record, inp.known
+    png = Path(png or f"{record.id}_cluster.png")
     prep = prepare(record, noise, seed=seed)
     x = prep["final"]
     c = x.mean(1)
@@ -466,3 +474,80 @@ def inspect(inp: ClusterInput, noise, png: str | Path, seed: int = 0) -> dict:
                     subtitle=subtitle, notes=notes)
     info["picture"] = str(png)
     return info
+
+
+# --------------------------------------------------------------------------- building a dataset
+def build_dataset(cif_dir: str | Path, out: str | Path, noise=None, workers: int = 2, seed: int = 0,
+                  max_atoms: int = 200, limits: CifLimits | None = None, timeout: float | None = None,
+                  max_memory_gb: float | None = None, allow_mirror: bool = True, allow_conformers: bool = True,
+                  min_packing: float | None = None, min_contact_ratio: float | None = None,
+                  progress: bool = True) -> dict:
+    """The ``build-dataset`` command: cut 17-molecule clusters from a folder of CIFs into the official layout
+    (:func:`kflow_mol.build.build_dataset`).
+
+    Args:
+        noise: the loose-state noise config (None: write FinalPositions only).
+        timeout, max_memory_gb, min_packing, min_contact_ratio: 0 or None = no limit, no check.
+
+    Returns:
+        The build summary, without its list of ids.
+    """
+    summary = build_clusters(cif_dir, out, workers=workers, noise_fn=None if noise is None else LooseNoise(noise),
+                             seed=seed, max_atoms=max_atoms, progress=progress, limits=limits,
+                             timeout=timeout or None, max_memory_gb=max_memory_gb or None,
+                             allow_mirror=allow_mirror, allow_conformers=allow_conformers,
+                             min_packing=min_packing or None, min_contact_ratio=min_contact_ratio or None)
+    return {k: v for k, v in summary.items() if k not in ("ids",)}
+
+
+# --------------------------------------------------------------------------- what kflow-mol prints
+def _warn_clashes(name: str, res: dict, log: Log = _stderr) -> None:
+    """A WARNING line when the result (assemble or evaluate) has intermolecular clashes."""
+    warning = clash_warning(name, res["clashes"]) if "clashes" in res else None
+    if warning:
+        log(warning)
+
+
+def report_evaluation(res: dict, split: str, name: str, as_json: bool = False, say: Log = print,
+                      log: Log = _stderr) -> None:
+    """Print an :func:`evaluate` result on ``say`` (one JSON object with ``as_json``, else the summary line, the
+    verdict and the refined metrics when present), then a clash WARNING for ``name`` on ``log``."""
+    if as_json:
+        say(json.dumps(public(res)))
+    else:
+        lines = [summary_line(split, res), *res["verdict"]]
+        if "model_refined" in res:
+            r = res["model_refined"]
+            lines.append(f"refined (reported separately): PM-atom {r['pm_atom']:.2f} Å (symmetry-aware "
+                         f"{r['pm_atom_symmetry_aware']:.2f}), rotation median {r['rot_median_deg']:.1f}°, "
+                         f"clashes {r['clashes']:.1f} per cluster")
+        say("\n".join(lines))
+    _warn_clashes(name, res, log)
+
+
+def report_train(result: TrainResult, data: str, log: Log = _stderr) -> None:
+    """Print the end of a :func:`train` run on ``log``: the test split's summary and clash warning, the model
+    path (nothing on the non-main processes of a distributed run)."""
+    if result.model_path is None:
+        return
+    if result.test is not None:
+        report_evaluation(result.test, "test", f"{data} test", say=log, log=log)
+    log(f"done: {result.model_path}")
+
+
+def report_assembly(inp: ClusterInput, m: dict, out: str | Path, say: Log = print, log: Log = _stderr) -> None:
+    """Print an :func:`assemble_file` result on ``say`` (scores when the packing is known, verdict, refined
+    clashes, timings, the files written to ``out``), with a clash WARNING on ``log``."""
+    if inp.known:
+        say(f"{m['id']}: PM-atom {m['model']['pm_atom']:.2f} Å (symmetry-aware "
+            f"{m['model']['pm_atom_symmetry_aware']:.2f}); do-nothing "
+            f"{m['floors']['do_nothing']['pm_atom']:.2f} Å; {m['seconds']:.2f} s")
+    say("\n".join(m["verdict"]))
+    if "refined" in m:
+        rm = m["refined"].get("model")
+        say(f"refined (reported separately): {m['refined']['clashes']['clashes']} clashes"
+            + (f", PM-atom {rm['pm_atom']:.2f} Å (symmetry-aware {rm['pm_atom_symmetry_aware']:.2f})" if rm else ""))
+    _warn_clashes(m["id"], m, log)
+    say(f"time: sampling {m['seconds']:.2f} s ({m['model_calls']} model evaluations); total "
+        f"{m['seconds_total']:.2f} s (reading the input {m['seconds_read_input']:.2f} s)")
+    say(f"wrote {Path(out)}/assembled.cif, assembled.extxyz, trajectory.extxyz, assembled.png, metrics.json")
