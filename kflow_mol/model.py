@@ -313,8 +313,8 @@ class AssemblyNet(nn.Module):
         self_interaction: add a node x environment tensor product to every molecule-level layer (see
             :class:`_MolLayer`).
         lattice_layers: ``> 0`` adds the *lattice stream* (needs ``rot_output="anchor"``): molecule-level layers
-            that see the centroids, the shapes' invariants, ``k`` and the node features but no orientation
-            and no contact, and predict where each pooled body vector should point (``v_j``, added to the
+            that see the centroids, the shapes' invariants and ``k`` but no orientation, no contact and no node
+            feature (those describe the loose state's graph), and predict where each pooled body vector should point (``v_j``, added to the
             anchor sum). The target orientation of a packed molecule is a function of the lattice around it;
             the current orientations are noise until the molecules are nearly in place, and fed together they
             keep the network from learning that function even on one training cluster (measured:
@@ -401,7 +401,8 @@ class AssemblyNet(nn.Module):
             # Orientation-free inputs only: invariants, the position in the cluster (1o) and centroid edges.
             vec_h = o3.Irreps([(m, ir) for m, ir in self.irreps_h if ir.l > 0])
             self.lattice = nn.ModuleDict({
-                "scalar_in": _mlp([enc_scalars + 32 + node_feature_dim + 1, 64, hidden_scalars]),
+                # no node features: they describe the loose state's graph, redrawn noise to this stream
+                "scalar_in": _mlp([enc_scalars + 32 + 1, 64, hidden_scalars]),
                 "vec_in": o3.Linear(o3.Irreps("1x1o"), vec_h),
                 "edge": _mlp([self.num_centroid_rbf, 64, 64]),
                 "ev": o3.Linear(o3.Irreps("1x1o"), self.irreps_evh),
@@ -510,7 +511,30 @@ class AssemblyNet(nn.Module):
              quad.reshape(P, -1)], dim=-1)
         return scal, vec
 
-    def _lattice_vectors(self, scal_in, rel, rbf, cij, sh, offdiag) -> torch.Tensor:
+    def _invariants(self, c, k, batch: ClusterBatch, node_features, cache: TemplateCache):
+        """Orientation-free node inputs: scalars ``(B, M, .)`` and the position in the cluster ``rel (B, M, 3)``;
+        ``node_features=None`` leaves them out."""
+        B, M = c.shape[:2]
+        rel = (c - c.mean(1, keepdim=True)) / self.pos_scale
+        parts = [cache.pooled_scalars[batch.mol_shape], self._k_embedding(k)[:, None].expand(B, M, -1)]
+        if node_features is not None and self.node_feature_dim:
+            parts.append(node_features.to(c.dtype))
+        parts.append(rel.norm(dim=-1, keepdim=True))
+        return torch.cat(parts, -1), rel
+
+    def _centroid_edges(self, c):
+        """Dense centroid edges: ``c_j - c_i`` at ``[b, i, j]``, their spherical harmonics, radial basis and the
+        off-diagonal mask ``(M, M, 1)``."""
+        M = c.shape[1]
+        cij = c[:, None, :, :] - c[:, :, None, :]
+        eye = torch.eye(M, dtype=torch.bool, device=c.device)
+        # Diagonal entries are masked out of every sum; give them a harmless direction (no NaN in SH).
+        safe = torch.where(eye[..., None], torch.ones_like(cij), cij)
+        sh = o3.spherical_harmonics(self.irreps_sh, safe, normalize=True, normalization="component")
+        rbf = _gaussians(cij.norm(dim=-1), 0.0, 60.0, self.num_centroid_rbf)
+        return cij, sh, rbf, (~eye).to(c.dtype)[..., None]
+
+    def _lattice_vectors(self, scal_in, rel, cij, sh, rbf, offdiag) -> torch.Tensor:
         """The lattice stream's absolute targets ``v_j`` of the body vectors, ``(B, M, V, 3)`` Cartesian."""
         lat = self.lattice
         h = torch.cat([lat["scalar_in"](scal_in), lat["vec_in"](_to_e3nn(rel))], dim=-1)
@@ -519,6 +543,44 @@ class AssemblyNet(nn.Module):
             h = layer(h, sh, z, ev, offdiag)
         B, M = h.shape[:2]
         return lat["head"](h).reshape(B, M, -1, 3)[..., _FROM_E3NN]
+
+    @staticmethod
+    def _unit_rms(u: torch.Tensor) -> torch.Tensor:
+        """Vectors ``(..., V, 3)`` scaled to unit rms length over ``V`` (floored: vanishing ones stay ~0)."""
+        return u / u.pow(2).sum(-1).mean(-1).add(1e-4).sqrt()[..., None, None]
+
+    def lattice_targets(self, x_k: RigidState, k: torch.Tensor, batch: ClusterBatch,
+                        node_features: torch.Tensor | None = None,
+                        template_cache: TemplateCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lattice stream alone (``lattice_layers > 0``): where it says each body vector should point.
+
+        Returns:
+            ``v (B, M, V, 3)`` lab-frame predictions and ``u (B, M, V, 3)`` the shape's pooled body vectors at
+            unit rms (body frame): for a target orientation ``R1`` the ideal answer is ``v = R1 u``
+            (``AssemblyTask(lattice_weight=...)`` trains it so directly).
+        """
+        if self.lattice is None:
+            raise ValueError("lattice_targets needs a model built with lattice_layers > 0")
+        cache = self._check_inputs(x_k, k, batch, node_features, template_cache)
+        scal_in, rel = self._invariants(x_k.c, k, batch, None, cache)
+        v = self._lattice_vectors(scal_in, rel, *self._centroid_edges(x_k.c))
+        return v, self._unit_rms(cache.pooled_vectors[batch.mol_shape])
+
+    def _check_inputs(self, x_k, k, batch, node_features, template_cache) -> TemplateCache:
+        """Shape checks of a call; the template cache (encoded now if not given)."""
+        c, R = x_k.c, x_k.R
+        B, M = c.shape[:2]
+        batch._check_state(c, R)
+        if k.shape != (B,):
+            raise ValueError(f"k must have shape ({B},), got {tuple(k.shape)}")
+        if self.node_feature_dim:
+            if node_features is None or tuple(node_features.shape) != (B, M, self.node_feature_dim):
+                got = None if node_features is None else tuple(node_features.shape)
+                raise ValueError(f"node_features must have shape ({B}, {M}, {self.node_feature_dim}), got {got}")
+        cache = template_cache if template_cache is not None else self.encoder(batch)
+        if cache.pooled_scalars.shape[0] != batch.num_shapes:
+            raise ValueError("template_cache was built for a different batch")
+        return cache
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -543,16 +605,7 @@ class AssemblyNet(nn.Module):
         """
         c, R = x_k.c, x_k.R
         B, M = c.shape[:2]
-        batch._check_state(c, R)
-        if k.shape != (B,):
-            raise ValueError(f"k must have shape ({B},), got {tuple(k.shape)}")
-        if self.node_feature_dim:
-            if node_features is None or tuple(node_features.shape) != (B, M, self.node_feature_dim):
-                got = None if node_features is None else tuple(node_features.shape)
-                raise ValueError(f"node_features must have shape ({B}, {M}, {self.node_feature_dim}), got {got}")
-        cache = template_cache if template_cache is not None else self.encoder(batch)
-        if cache.pooled_scalars.shape[0] != batch.num_shapes:
-            raise ValueError("template_cache was built for a different batch")
+        cache = self._check_inputs(x_k, k, batch, node_features, template_cache)
 
         # Per-atom template channels of each copy's shape (encoded once per shape), padded (B, M, n, .)
         valid = batch.pad_mask[:, None, :, None].to(c.dtype)
@@ -567,8 +620,7 @@ class AssemblyNet(nn.Module):
             radius = (batch.body_padded.norm(dim=-1) * batch.pad_mask[:, None]).amax(2).to(c.dtype)  # (B, M)
 
         # ---- node inputs
-        center = c.mean(1, keepdim=True)
-        rel = (c - center) / self.pos_scale
+        scal_in, rel = self._invariants(c, k, batch, node_features, cache)  # orientation-free
         y1 = torch.einsum("bmnx,bmns->bmsx", lev, s_m) / n_atoms
         y2 = torch.einsum("bmny,bmns->bmsy",
                           o3.spherical_harmonics(2, lev, normalize=False, normalization="component"),
@@ -576,26 +628,14 @@ class AssemblyNet(nn.Module):
         body = torch.einsum("bmij,bmvj->bmvi", R, cache.pooled_vectors[batch.mol_shape])  # rotate body -> lab
         nvec = torch.cat([_to_e3nn(body).flatten(2), _to_e3nn(y1).flatten(2), y2.flatten(2),
                           _to_e3nn(rel)], dim=-1)
-        parts = [cache.pooled_scalars[batch.mol_shape], self._k_embedding(k)[:, None].expand(B, M, -1)]
-        if self.node_feature_dim:
-            parts.append(node_features.to(c.dtype))
-        parts.append(rel.norm(dim=-1, keepdim=True))
-        scal_in = torch.cat(parts, -1)  # orientation-free
         h = torch.cat([self.node_scalar_in(scal_in), self.node_vec_in(nvec)], dim=-1)
 
         # ---- edges (dense, i receives from j)
         cs, cv = self._contacts(xp, c, batch, s_c, radius)
-        cij = c[:, None, :, :] - c[:, :, None, :]  # c_j - c_i at [b, i, j]
-        dij = cij.norm(dim=-1)
-        eye = torch.eye(M, dtype=torch.bool, device=c.device)
-        # Diagonal entries are masked out of every sum; give them a harmless direction (no NaN in SH).
-        safe = torch.where(eye[..., None], torch.ones_like(cij), cij)
-        sh = o3.spherical_harmonics(self.irreps_sh, safe, normalize=True, normalization="component")
-        rbf = _gaussians(dij, 0.0, 60.0, self.num_centroid_rbf)
+        cij, sh, rbf, offdiag = self._centroid_edges(c)  # c_j - c_i at [b, i, j]
         z = self.edge_mlp(torch.cat([rbf, cs, cs.transpose(1, 2)], dim=-1))
         cv_t = cv.transpose(1, 2)
         ev = self.ev_embed(torch.cat([cv, cv_t, _to_e3nn(cij) / self.pos_scale], dim=-1))
-        offdiag = (~eye).to(c.dtype)[..., None]
         for layer in self.layers:
             h = layer(h, sh, z, ev, offdiag)
         out = self.head(h)  # (B, M, .): 1o (dc), then the rot_output irreps, e3nn order
@@ -611,7 +651,12 @@ class AssemblyNet(nn.Module):
                 # pooled vectors vanish (D2h acenes) fall back on the relative term I + A.
                 v = out[..., 12:].reshape(B, M, -1, 3)[..., _FROM_E3NN]
                 if self.lattice is not None:
-                    v = v + self._lattice_vectors(scal_in, rel, rbf, cij, sh, offdiag)
+                    lat_in = self._invariants(c, k, batch, None, cache)
+                    v = v + self._lattice_vectors(*lat_in, cij, sh, rbf, offdiag)
+                    # Body vectors at unit rms: the encoder's pooled vectors start at ~0.1, so the absolute term
+                    # began ~10x weaker than the identity and training sat on "no turn" for ~100 steps before
+                    # it took over (measured on one cluster).
+                    body = self._unit_rms(body)
                 A = A + torch.einsum("bmvi,bmvj->bmij", v, body)
             omega = roma.rotmat_to_rotvec(roma.special_procrustes(A))
         else:

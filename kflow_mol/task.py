@@ -152,12 +152,16 @@ class AssemblyTask:
             orientations carry no information (the noise model draws them uniformly), and in a crystal most
             copies of a shape are parallel (translation-related; ``benchmarks/mol_orientation_classes.py``),
             so the network makes one collective turn per shape instead of 17 independent ones.
+        lattice_weight: ``> 0`` (a model with a lattice stream, ``lattice_layers > 0``): add this times the
+            squared error of the stream's absolute targets, ``|v_j - R1 u_j|^2`` averaged over the body vectors,
+            to the loss. A direct, noise-free regression of where each body vector points in the packed
+            cluster: through the turn alone the stream learns it slowly (it starts on "no turn").
     """
 
     def __init__(self, path: RigidKPath, symmetric_targets: bool = True, rot_weight: float = 1.0,
-                 rot_late_weight: bool = False, shared_start: bool = False):
+                 rot_late_weight: bool = False, shared_start: bool = False, lattice_weight: float = 0.0):
         self.path, self.symmetric_targets, self.rot_weight = path, symmetric_targets, rot_weight
-        self.rot_late_weight, self.shared_start = rot_late_weight, shared_start
+        self.rot_late_weight, self.shared_start, self.lattice_weight = rot_late_weight, shared_start, lattice_weight
 
     def source(self, batch: AssemblyBatch) -> AssemblyBatch:
         """``batch`` with its rotational source: unchanged, or with ``shared_start`` every copy of a shape
@@ -206,14 +210,23 @@ class AssemblyTask:
         k = torch.rand(b, device=batch.c0.device, dtype=batch.c0.dtype)
         transform = self._transform(batch)
         ps = self.path.sample(transform, batch.c0, batch.R0, batch.c1, R1, k)
-        s1_hat = self.predict(model, transform, ps.s_k, k, batch)
+        cache = model.encode_templates(batch.clusters) if self.lattice_weight else None  # shared by both calls
+        s1_hat = self.predict(model, transform, ps.s_k, k, batch, cache)
         _, R1_hat = self.path.rigid(s1_hat, batch.R0)
         dc, rot = self.atom_error(s1_hat, batch.c1, R1_hat, R1, batch.gyration)
         w = self.rot_weight
         if self.rot_late_weight and self.path.rotation == "own":
             w = w / (1 - self.path.rot_clock(k)[0].clamp(max=0.9))[:, None] ** 2
         loss = (dc + w * rot).mean()
-        return loss, {"rmsd_centroid": dc.mean().sqrt().detach(), "rmsd_rotation": rot.mean().sqrt().detach()}
+        logs = {"rmsd_centroid": dc.mean().sqrt().detach(), "rmsd_rotation": rot.mean().sqrt().detach()}
+        if self.lattice_weight:
+            state = RigidState(*self.path.rigid(ps.s_k, batch.R0))
+            feats = self.path.node_features(transform, k).to(ps.s_k.dtype)
+            v, u = model.lattice_targets(state, k, batch=batch.clusters, node_features=feats, template_cache=cache)
+            lat = ((v - torch.einsum("bmij,bmvj->bmvi", R1, u)) ** 2).sum(-1).mean(-1)  # (B, M)
+            loss = loss + self.lattice_weight * lat.mean()
+            logs["lattice_error"] = lat.mean().detach()
+        return loss, logs
 
     @torch.no_grad()
     def predict_path_sample(self, model: nn.Module, batch: AssemblyBatch, k: Tensor) -> dict:

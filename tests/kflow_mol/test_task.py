@@ -137,6 +137,37 @@ def test_loss_is_atom_mse_and_trains(clusters):
     assert set(metrics) == {"rmsd_centroid", "rmsd_rotation"}
 
 
+def test_lattice_loss_is_zero_for_the_true_targets_and_reaches_the_stream(clusters, monkeypatch):
+    from kflow_mol.model import AssemblyNet
+    from kflow_mol.rigid import NUM_NODE_FEATURES
+
+    torch.manual_seed(0)
+    model = AssemblyNet(node_feature_dim=NUM_NODE_FEATURES, enc_scalars=8, enc_vectors=2, enc_layers=1,
+                        hidden_scalars=16, hidden_vectors=4, hidden_l2=2, mol_layers=1, rot_output="anchor",
+                        lattice_layers=1)
+    path = RigidKPath(BandSchedule(0.3, "smoothstep"), rotation="own")
+    batch = make_batch(clusters[:2])
+    plain = AssemblyTask(path)
+    task = AssemblyTask(path, lattice_weight=0.5)
+    torch.manual_seed(1)
+    base, _ = plain.loss(model, batch)
+    torch.manual_seed(1)
+    loss, logs = task.loss(model, batch)
+    assert logs["lattice_error"] > 0 and torch.allclose(loss, base + 0.5 * logs["lattice_error"], rtol=1e-5)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.lattice["head"].parameters())
+
+    # a stream that says exactly where the target's body vectors point has no lattice error
+    inner = model.lattice_targets
+
+    def perfect(*args, **kw):
+        _, u = inner(*args, **kw)
+        return torch.einsum("bmij,bmvj->bmvi", task.targets(batch), u), u
+
+    monkeypatch.setattr(model, "lattice_targets", perfect)
+    assert task.loss(model, batch)[1]["lattice_error"] < 1e-10
+
+
 def test_collator_resamples_deterministically(clusters):
     col = Collator(resample_loose=True)
     torch.manual_seed(3)
