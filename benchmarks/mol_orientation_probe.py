@@ -13,6 +13,7 @@ is then the absolute orientation): the same learning problem without the noise o
 
     python benchmarks/mol_orientation_probe.py --data DIR --clusters 1 --out probe.jsonl [--identity] \\
         [hydra overrides, e.g. model.lattice_layers=2]
+    python benchmarks/mol_orientation_probe.py --plot probe.png LOG.jsonl [LOG.jsonl ...]
 """
 from __future__ import annotations
 
@@ -30,9 +31,36 @@ from kflow_mol.rigid import rotation_error
 from kflow_mol.task import Collator
 
 
+def plot(png: str, logs: list[str]) -> None:
+    """Median angle of the prediction against the training step, one line per probe log (mean of a sliding
+    window of 3 log points; the dotted grey line is "no turn", averaged over all logs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    no_turn = []
+    for f in logs:
+        rows = [json.loads(line) for line in open(f)]
+        step = np.array([r["step"] for r in rows])
+        pred = np.convolve([r["pred_deg"] for r in rows], np.ones(3) / 3, mode="same")
+        ax.plot(step[1:-1], pred[1:-1], label=f.rsplit("/", 1)[-1].removeprefix("probe_").removesuffix(".jsonl"))
+        if "identity" not in f:
+            no_turn += [r["no_turn_deg"] for r in rows]
+    ax.axhline(float(np.mean(no_turn)), color="grey", ls=":", label="no turn (mean)")
+    ax.set_xlabel("training step (batch 8, k in [0.5, 0.6])")
+    ax.set_ylabel("median angle to target (deg)")
+    ax.set_ylim(0, 140)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="dataset name or CIF folder")
+    p.add_argument("--data", help="dataset name or CIF folder")
     p.add_argument("--clusters", type=int, default=1, help="first N training clusters")
     p.add_argument("--k", type=float, nargs=2, default=[0.5, 0.6], help="k range of the samples")
     p.add_argument("--steps", type=int, default=300)
@@ -42,9 +70,14 @@ def main() -> None:
     p.add_argument("--identity", action="store_true", help="feed identity orientations (no noise)")
     p.add_argument("--lattice-weight", type=float, default=0.0,
                    help="add the direct loss on the lattice stream's targets (needs model.lattice_layers > 0)")
-    p.add_argument("--out", required=True, help="JSON lines written here")
-    p.add_argument("overrides", nargs="*", help="hydra overrides of configs/mol.yaml")
+    p.add_argument("--out", help="JSON lines written here")
+    p.add_argument("--plot", metavar="PNG", help="instead of training: plot the probe logs given as arguments")
+    p.add_argument("overrides", nargs="*", help="hydra overrides of configs/mol.yaml (with --plot: the logs)")
     a = p.parse_args()
+    if a.plot:
+        return plot(a.plot, a.overrides)
+    if not (a.data and a.out):
+        p.error("--data and --out are required to train a probe")
     torch.manual_seed(a.seed)
     cfg = compose("mol", ["path.trans_window=[0,0.5]", "path.rot_window=[0.5,1]", "model.rot_output=anchor",
                           *a.overrides])

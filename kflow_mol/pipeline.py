@@ -97,7 +97,8 @@ def build_components(cfg) -> tuple[nn.Module, AssemblyTask, Any]:
     task = AssemblyTask(path, symmetric_targets=cfg.symmetric_targets, rot_weight=cfg.rot_weight,
                         rot_late_weight=bool(cfg.get("rot_late_weight", False)),
                         shared_start=bool(cfg.get("shared_start", False)),
-                        lattice_weight=float(cfg.get("lattice_weight", 0.0)))
+                        lattice_weight=float(cfg.get("lattice_weight", 0.0)),
+                        lattice_start=bool(cfg.get("lattice_start", False)))
     return model, task, instantiate(cfg.noise)
 
 

@@ -14,6 +14,7 @@ from kflow.solver import Solution, SolverConfig
 
 from . import so3
 from .batch import ClusterBatch, RigidState, collate
+from .frames import inertial_frame
 from .noise import LooseConfig, make_loose
 from .rigid import RigidKPath, closest_equivalent_rotation
 
@@ -152,6 +153,12 @@ class AssemblyTask:
             orientations carry no information (the noise model draws them uniformly), and in a crystal most
             copies of a shape are parallel (translation-related; ``benchmarks/mol_orientation_classes.py``),
             so the network makes one collective turn per shape instead of 17 independent ones.
+        lattice_start: the rotational source of every molecule is the principal-axes frame of the cluster's
+            loose centroids (:func:`kflow_mol.frames.inertial_frame`, equivariant): each molecule starts with its inertial axes on
+            the cluster's axes, so the start is a function of the arrangement, not noise. The network then
+            learns one deterministic turn per molecule instead of undoing a random one (fed random current
+            orientations it does not learn where a packed molecule points even on one training cluster;
+            fed a fixed one it does, ``benchmarks/mol_orientation_probe.py``).
         lattice_weight: ``> 0`` (a model with a lattice stream, ``lattice_layers > 0``): add this times the
             squared error of the stream's absolute targets, ``|v_j - R1 u_j|^2`` averaged over the body vectors,
             to the loss. A direct, noise-free regression of where each body vector points in the packed
@@ -159,14 +166,21 @@ class AssemblyTask:
     """
 
     def __init__(self, path: RigidKPath, symmetric_targets: bool = True, rot_weight: float = 1.0,
-                 rot_late_weight: bool = False, shared_start: bool = False, lattice_weight: float = 0.0):
+                 rot_late_weight: bool = False, shared_start: bool = False, lattice_weight: float = 0.0,
+                 lattice_start: bool = False):
+        if shared_start and lattice_start:
+            raise ValueError("shared_start and lattice_start are two different rotational sources: choose one")
+        self.lattice_start = lattice_start
         self.path, self.symmetric_targets, self.rot_weight = path, symmetric_targets, rot_weight
         self.rot_late_weight, self.shared_start, self.lattice_weight = rot_late_weight, shared_start, lattice_weight
 
     def source(self, batch: AssemblyBatch) -> AssemblyBatch:
-        """``batch`` with its rotational source: unchanged, or with ``shared_start`` every copy of a shape
-        turned to one random orientation (global RNG, which the trainer reseeds per batch; its loose centroid
+        """``batch`` with its rotational source: unchanged, with ``lattice_start`` every molecule on the frame of
+        the loose centroids, or with ``shared_start`` every copy of a shape turned to one random orientation (global RNG, which the trainer reseeds per batch; its loose centroid
         is kept)."""
+        if self.lattice_start:
+            F = inertial_frame(batch.c0)[0][:, None].expand_as(batch.R0)
+            return replace(batch, R0=F.contiguous())
         if not self.shared_start:
             return batch
         G = so3.random_rotation(batch.clusters.num_shapes, dtype=batch.R0.dtype, device=batch.R0.device)
