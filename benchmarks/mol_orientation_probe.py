@@ -43,7 +43,8 @@ def plot(png: str, logs: list[str]) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     no_turn = []
     for f in logs:
-        rows = [json.loads(line) for line in open(f)]
+        with open(f) as fh:
+            rows = [json.loads(line) for line in fh]
         step = np.array([r["step"] for r in rows])
         pred = np.convolve([r["pred_deg"] for r in rows], np.ones(3) / 3, mode="same")
         ax.plot(step[1:-1], pred[1:-1], label=f.rsplit("/", 1)[-1].removeprefix("probe_").removesuffix(".jsonl"))

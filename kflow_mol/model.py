@@ -314,8 +314,8 @@ class AssemblyNet(nn.Module):
             :class:`_MolLayer`).
         lattice_layers: ``> 0`` adds the *lattice stream* (needs ``rot_output="anchor"``): molecule-level layers
             that see the centroids, the shapes' invariants and ``k`` but no orientation, no contact and no node
-            feature (those describe the loose state's graph), and predict where each pooled body vector should point (``v_j``, added to the
-            anchor sum). The target orientation of a packed molecule is a function of the lattice around it;
+            feature (those describe the loose state's graph), and predict where each pooled body vector should
+            point (``v_j``, added to the anchor sum). The target orientation of a packed molecule is a function of the lattice around it;
             the current orientations are noise until the molecules are nearly in place, and fed together they
             keep the network from learning that function even on one training cluster (measured:
             ``benchmarks/mol_orientation_probe.py``, ``BENCHMARKS.md``).

@@ -154,8 +154,8 @@ class AssemblyTask:
             copies of a shape are parallel (translation-related; ``benchmarks/mol_orientation_classes.py``),
             so the network makes one collective turn per shape instead of 17 independent ones.
         lattice_start: the rotational source of every molecule is the principal-axes frame of the cluster's
-            loose centroids (:func:`kflow_mol.frames.inertial_frame`, equivariant): each molecule starts with its inertial axes on
-            the cluster's axes, so the start is a function of the arrangement, not noise. The network then
+            loose centroids (:func:`kflow_mol.frames.inertial_frame`, equivariant): each molecule starts with
+            its inertial axes on the cluster's axes, so the start is a function of the arrangement, not noise. The network then
             learns one deterministic turn per molecule instead of undoing a random one (fed random current
             orientations it does not learn where a packed molecule points even on one training cluster;
             fed a fixed one it does, ``benchmarks/mol_orientation_probe.py``).
@@ -176,8 +176,8 @@ class AssemblyTask:
 
     def source(self, batch: AssemblyBatch) -> AssemblyBatch:
         """``batch`` with its rotational source: unchanged, with ``lattice_start`` every molecule on the frame of
-        the loose centroids, or with ``shared_start`` every copy of a shape turned to one random orientation (global RNG, which the trainer reseeds per batch; its loose centroid
-        is kept)."""
+        the loose centroids, or with ``shared_start`` every copy of a shape turned to one random orientation
+        (global RNG, which the trainer reseeds per batch). The loose centroids are kept."""
         if self.lattice_start:
             F = inertial_frame(batch.c0)[0][:, None].expand_as(batch.R0)
             return replace(batch, R0=F.contiguous())
