@@ -102,7 +102,10 @@ def test_rotation_translation_equivariance(setup, rot_output, self_interaction, 
         state = RigidState(frames[..., 0, :], frames[..., 1:, :].transpose(-1, -2))
         return model(state, k, batch=batch, node_features=nf).reshape(2, M, 2, 3)
 
-    assert_equivariant_rotation(fn, torch.cat([x.c[..., None, :], x.R.transpose(-1, -2)], dim=-2), atol=1e-9)
+    # The lattice stream's anchor sum is nearly rank one at initialisation (its vectors start almost parallel), so
+    # the Procrustes SVD amplifies float64 round-off to ~1e-8 (measured 6e-9); a broken equivariance gives ~0.1.
+    atol = 1e-7 if lattice_layers else 1e-9
+    assert_equivariant_rotation(fn, torch.cat([x.c[..., None, :], x.R.transpose(-1, -2)], dim=-2), atol=atol)
     Q = roma.unitquat_to_rotmat(roma.random_unitquat(dtype=torch.float64))
     # the output is not trivially zero / invariant
     assert (out[..., :3] @ Q.T - out[..., :3]).abs().max() > 1e-3
