@@ -106,10 +106,7 @@ def main() -> None:
             dc, rot = task.atom_error(s1, batch.c1, R1_hat, R1, batch.gyration)
             loss = (dc + rot).mean()
             if a.lattice_weight:  # the task's direct loss on the lattice stream (AssemblyTask.lattice_weight)
-                c_k, R_k = task.path.rigid(ps.s_k, batch.R0)
-                v, u = model.lattice_targets(RigidState(c_k, R_k), k, batch=batch.clusters,
-                                             node_features=task.path.node_features(tr, k).to(ps.s_k.dtype))
-                loss = loss + a.lattice_weight * ((v - torch.einsum("bmij,bmvj->bmvi", R1, u)) ** 2).sum(-1).mean()
+                loss = loss + a.lattice_weight * task.lattice_error(model, tr, ps.s_k, k, batch, R1).mean()
             opt.zero_grad()
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.trainer.grad_clip))

@@ -234,13 +234,19 @@ class AssemblyTask:
         loss = (dc + w * rot).mean()
         logs = {"rmsd_centroid": dc.mean().sqrt().detach(), "rmsd_rotation": rot.mean().sqrt().detach()}
         if self.lattice_weight:
-            state = RigidState(*self.path.rigid(ps.s_k, batch.R0))
-            feats = self.path.node_features(transform, k).to(ps.s_k.dtype)
-            v, u = model.lattice_targets(state, k, batch=batch.clusters, node_features=feats, template_cache=cache)
-            lat = ((v - torch.einsum("bmij,bmvj->bmvi", R1, u)) ** 2).sum(-1).mean(-1)  # (B, M)
+            lat = self.lattice_error(model, transform, ps.s_k, k, batch, R1, cache)
             loss = loss + self.lattice_weight * lat.mean()
             logs["lattice_error"] = lat.mean().detach()
         return loss, logs
+
+    def lattice_error(self, model: nn.Module, transform, s_k: Tensor, k: Tensor, batch: AssemblyBatch,
+                      R1: Tensor, cache=None) -> Tensor:
+        """``|v_j - R1 u_j|^2`` of the model's lattice stream (``AssemblyNet.lattice_targets``) averaged over the
+        body vectors, ``(B, M)``: its direct loss (``lattice_weight``)."""
+        state = RigidState(*self.path.rigid(s_k, batch.R0))
+        feats = self.path.node_features(transform, k).to(s_k.dtype)
+        v, u = model.lattice_targets(state, k, batch=batch.clusters, node_features=feats, template_cache=cache)
+        return ((v - torch.einsum("bmij,bmvj->bmvi", R1, u)) ** 2).sum(-1).mean(-1)
 
     @torch.no_grad()
     def predict_path_sample(self, model: nn.Module, batch: AssemblyBatch, k: Tensor) -> dict:

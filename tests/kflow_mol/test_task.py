@@ -69,11 +69,24 @@ def test_oracle_assembles_exactly_and_symmetry_aware_pm_is_zero(clusters, window
         assert m["pm_atom"] == pytest.approx(floor["pm_atom"], abs=slack)
 
 
+def _assert_a_perfect_network_assembles(task, src, batch):
+    """From the rotational source ``src`` of ``task``, a network giving the exact residual to the closest
+    equivalent of the truth (from any state) reaches the crystal, up to each shape's symmetry."""
+    from kflow_mol.rigid import rotation_error
+
+    class Perfect(torch.nn.Module):
+        def forward(self, x_k, k, batch=None, node_features=None):
+            best = task.targets(replace(src, R0=x_k.R))
+            return torch.cat([src.c1 - x_k.c, so3.log(best @ x_k.R.transpose(-1, -2))], -1)
+
+    res = task.sample(Perfect(), batch, steps=7)
+    assert torch.allclose(res.c, batch.c1, atol=1e-8)
+    assert rotation_error(res.R, batch.R1, batch.symmetries, batch.sym_mask).max() < 1e-4
+
+
 def test_shared_start_turns_copies_of_a_shape_parallel_and_the_oracle_still_assembles(clusters):
     """shared_start: one random source orientation per distinct shape, loose centroids kept; a perfect network
     still reaches the crystal (up to each shape's symmetry) from it."""
-    from kflow_mol.rigid import rotation_error
-
     task = AssemblyTask(RigidKPath(BandSchedule(1.0), rotation="own", rot_source="estimate"), shared_start=True)
     batch = make_batch(clusters, dtype=torch.float64)
     torch.manual_seed(0)
@@ -86,21 +99,12 @@ def test_shared_start_turns_copies_of_a_shape_parallel_and_the_oracle_still_asse
     assert torch.equal(src.c0, batch.c0) and not torch.allclose(src.R0, batch.R0)
     assert AssemblyTask(task.path).source(batch) is batch  # off: the loose orientations
 
-    class Perfect(torch.nn.Module):  # the exact residual to the closest equivalent of the truth, from any state
-        def forward(self, x_k, k, batch=None, node_features=None):
-            best = task.targets(replace(src, R0=x_k.R))
-            return torch.cat([src.c1 - x_k.c, so3.log(best @ x_k.R.transpose(-1, -2))], -1)
-
-    res = task.sample(Perfect(), batch, steps=7)
-    assert torch.allclose(res.c, batch.c1, atol=1e-8)
-    assert rotation_error(res.R, batch.R1, batch.symmetries, batch.sym_mask).max() < 1e-4
+    _assert_a_perfect_network_assembles(task, src, batch)
 
 
 def test_lattice_start_is_the_frame_of_the_loose_centroids_and_the_oracle_still_assembles(clusters):
     """lattice_start: every molecule starts on the principal-axes frame of its cluster's loose centroids, which
     turns with the cluster; a perfect network still reaches the crystal from it."""
-    from kflow_mol.rigid import rotation_error
-
     task = AssemblyTask(RigidKPath(BandSchedule(1.0), rotation="own", rot_source="estimate"), lattice_start=True)
     batch = make_batch(clusters, dtype=torch.float64)
     src = task.source(batch)
@@ -112,14 +116,7 @@ def test_lattice_start_is_the_frame_of_the_loose_centroids_and_the_oracle_still_
     with pytest.raises(ValueError, match="choose one"):
         AssemblyTask(task.path, shared_start=True, lattice_start=True)
 
-    class Perfect(torch.nn.Module):
-        def forward(self, x_k, k, batch=None, node_features=None):
-            best = task.targets(replace(src, R0=x_k.R))
-            return torch.cat([src.c1 - x_k.c, so3.log(best @ x_k.R.transpose(-1, -2))], -1)
-
-    res = task.sample(Perfect(), batch, steps=7)
-    assert torch.allclose(res.c, batch.c1, atol=1e-8)
-    assert rotation_error(res.R, batch.R1, batch.symmetries, batch.sym_mask).max() < 1e-4
+    _assert_a_perfect_network_assembles(task, src, batch)
 
 
 def test_closest_equivalent_target_never_rotates_more_than_labelled(clusters):
