@@ -24,12 +24,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from mol_learning_curve import curve, plot as plot_curve  # noqa: E402  (the one checkpoint scorer)
 VARIANTS = {
     "kflow": ["schedule=kflow"],
     "baseline_w1": ["schedule=flow"],
     "kflow_labelled_targets": ["schedule=kflow", "symmetric_targets=false"],
     # the first session's default: rotation vectors mixed by the graph, loose orientation kept as source
-    "kflow_graph_rotations": ["schedule=kflow", "path.rotation=graph", "path.rot_source=fixed",
+    "kflow_graph_rotations": ["schedule=kflow", "path.rotation=graph", "path.rot_source=fixed", "lattice_start=false",
+                              "path.trans_window=[0,1]", "path.rot_window=[0,1]",
                               "path.kappa_scale=half", "rot_late_weight=false", "model.rot_output=rotvec"],
 }
 DEFAULT_VARIANTS = "kflow,baseline_w1"
@@ -82,7 +85,7 @@ def finish_variant(name: str, overrides: list[str], run_dir: Path, started) -> d
     res.update(steps_trained=train[-1]["step"] if train else None)
     res.update(variant=name, overrides=overrides, wall_s=wall, peak_rss_gb=int(m.group(1)) / 1e6 if m else None,
                train_clusters_per_s=sum(sps) / len(sps) if sps else None, final_loss=train[-1]["loss"] if train else None,
-               command=" ".join(cmd) or res.get("command"), curve=[r for r in log if r.get("kind") == "eval"])
+               command=" ".join(cmd) or res.get("command"))
     res.update(batch1_seconds_per_cluster=batch1_timing(run_dir / "model.pt", run_dir))
     res.pop("per_cluster", None)
     return res
@@ -109,31 +112,6 @@ def batch1_timing(model_pt: Path, run_dir: Path, n: int = 3, steps: int = 50) ->
             task.sample(model, make_batch([c]), SolverConfig(steps=steps))
             times.append(time.perf_counter() - t0)
     return float(sorted(times)[len(times) // 2])
-
-
-def learning_curve(results: list[dict], png: Path) -> None:
-    """Validation PM-atom (symmetry-aware) and median rotation error against training step, per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for r in results:
-        cur = r.get("curve") or []
-        if not cur:
-            continue
-        st = [c["step"] for c in cur]
-        axes[0].plot(st, [c["val_pm_atom_symmetry_aware"] for c in cur], marker="o", label=r["variant"])
-        axes[1].plot(st, [c.get("val_rot_median_deg", float("nan")) for c in cur], marker="o", label=r["variant"])
-    # no floor lines: the floors are measured on the test split, the curve on validation clusters
-    axes[0].set(xlabel="training step", ylabel="val PM-atom sym-aware (Å)")
-    axes[1].set(xlabel="training step", ylabel="val median rotation error (°)")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
 
 
 def fmt(x, nd=2):
@@ -184,6 +162,9 @@ def main() -> None:
                     help="variants trained at once (each gets cores / parallel threads); 1 = one after another")
     ap.add_argument("--reuse", action="store_true",
                     help="do not retrain variants whose run folder already holds test_metrics.json")
+    ap.add_argument("--curve-every", type=int, default=175,
+                    help="keep a checkpoint every N steps and score each on the test split for the learning curve "
+                         "(benchmarks/mol_learning_curve.py); 0 = no curve")
     ap.add_argument("--tag", default="", help="suffix of the result file and the BENCHMARKS.md section key")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for every variant (e.g. model=mol_tiny)")
     args = ap.parse_args()
@@ -196,6 +177,8 @@ def main() -> None:
     n = gather_cifs(shared, data)
     print(f"{n} CIFs gathered in {data}", flush=True)
     extra = list(args.overrides) + ([f"trainer.time_limit_s={args.time_limit}"] if args.time_limit else [])
+    if args.curve_every:
+        extra += ["trainer.keep_step_ckpts=true", f"trainer.ckpt_every={args.curve_every}"]
     names = args.variants.split(",")
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
@@ -214,9 +197,11 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M")}
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
     tag = f"_{args.tag}" if args.tag else ""
-    (ROOT / "benchmarks" / "results" / f"mol_assembly{tag}.json").write_text(json.dumps(out, indent=1, default=float))
     curve_png = ROOT / "benchmarks" / "results" / f"mol_assembly{tag}_curve.png"
-    learning_curve(results, curve_png)
+    if args.curve_every:  # the same scoring as the table, on every kept checkpoint
+        out["curve"] = [row for v in names for row in curve(work / v, str(data), "test", steps=args.eval_steps)]
+        plot_curve(str(curve_png), out["curve"])
+    (ROOT / "benchmarks" / "results" / f"mol_assembly{tag}.json").write_text(json.dumps(out, indent=1, default=float))
     r0 = results[0]
     orders = r0.get("symmetry_orders", {})
     section = (f"## Molecular assembly (COD-Cluster17-style clusters cut from `shared/data/crystals`)\n\n"
@@ -233,8 +218,10 @@ def main() -> None:
                f"molecular automorphisms and molecule matching (ours); floors use the known target (diagnosis only).\n\n"
                + table(results) + "\n\n"
                f"Rotation error: per molecule, the angle to the closest symmetry-equivalent of its true orientation "
-               f"(labels kept); per cluster the median, then the mean over clusters. Learning curve (validation "
-               f"clusters, 20 sampling steps): `{curve_png.relative_to(ROOT)}`. Training stopped by "
+               f"(labels kept); per cluster the median, then the mean over clusters. "
+               + (f"Learning curve (every kept checkpoint's EMA weights scored on the same test clusters, "
+                  f"{args.eval_steps} steps): `{curve_png.relative_to(ROOT)}`. " if args.curve_every else "")
+               + "Training stopped by "
                + ", ".join(f"{r['variant']}: {r.get('steps_trained', '?')} steps" for r in results) + ".\n")
     update_markdown(section, f"mol_assembly{tag}")
     print(section)

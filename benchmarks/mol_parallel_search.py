@@ -4,7 +4,7 @@
 the largest class of their shape (translation-related copies are parallel). This tests whether a pair energy
 finds that one orientation when the search is reduced to it: for single-shape clusters, at the true centroids
 (optionally with Gaussian noise of ``--sigma`` Å on them), draw ``--candidates`` uniform rotations ``G``, place
-every copy as ``c_i + template @ G^T``, score the UFF 12-6 intermolecular energy (:func:`kflow_mol.refine._energy`;
+every copy as ``c_i + template @ G^T``, score the UFF 12-6 intermolecular energy (:func:`kflow_mol.refine.pair_energy`;
 the scan on heavy atoms, 6 Å cutoff), L-BFGS-refine the 5 best over ``G`` (all atoms,
 8 Å, float64) and keep the lowest. Reports per cluster the angle from ``G*`` to each copy's true orientation
 (closest symmetry-equivalent), against the largest-class ceiling and the energy of the true largest class::
@@ -23,7 +23,7 @@ import torch
 
 from kflow_mol import so3
 from kflow_mol.dataset import load_prepared
-from kflow_mol.refine import _energy, uff_vdw
+from kflow_mol.refine import pair_energy, uff_vdw
 from mol_orientation_classes import _angle  # the benchmark beside this one (scripts run from benchmarks/)
 
 
@@ -35,7 +35,7 @@ def search(species: np.ndarray, template: np.ndarray, c: torch.Tensor, candidate
     G = roma.random_rotmat(candidates, dtype=torch.float64)
     heavy = torch.from_numpy(np.asarray(species) > 1)  # the scan on heavy atoms only (about 4x fewer pairs)
     Th, xh, dh = T[heavy], x[heavy][:, heavy].float(), d[heavy][:, heavy].float()
-    E = torch.cat([_energy((c[None, :, None, :] + torch.einsum("nj,gij->gni", Th, g)[:, None]).float(),
+    E = torch.cat([pair_energy((c[None, :, None, :] + torch.einsum("nj,gij->gni", Th, g)[:, None]).float(),
                            xh, dh, 6.0) for g in G.split(16)]).double()
     best = []
     for b in E.argsort()[:5]:
@@ -45,14 +45,14 @@ def search(species: np.ndarray, template: np.ndarray, c: torch.Tensor, candidate
         def closure(g0=G[b]):
             opt.zero_grad()
             g = so3.exp(om) @ g0
-            e = _energy(c[:, None] + (T @ g.T)[None], x, d, 8.0)
+            e = pair_energy(c[:, None] + (T @ g.T)[None], x, d, 8.0)
             e.backward()
             return e
 
         opt.step(closure)
         with torch.no_grad():
             g = so3.exp(om) @ G[b]
-            best.append((float(_energy(c[:, None] + (T @ g.T)[None], x, d, 8.0)), g.numpy()))
+            best.append((float(pair_energy(c[:, None] + (T @ g.T)[None], x, d, 8.0)), g.numpy()))
     return min(best, key=lambda f: f[0])
 
 
@@ -81,7 +81,7 @@ def main() -> None:
         major = int((same < 5).sum(1).argmax())
         T = torch.tensor(cl["templates"][0], dtype=torch.float64)
         x, d = (torch.from_numpy(a) for a in uff_vdw(np.asarray(cl["species"])))
-        e_true = float(_energy(c[:, None] + (T @ torch.tensor(R1[major]).T)[None], x, d, 8.0))
+        e_true = float(pair_energy(c[:, None] + (T @ torch.tensor(R1[major]).T)[None], x, d, 8.0))
         rows.append({"id": cl["id"], "median_deg": float(np.median(err)), "within_10deg": float((err < 10).mean()),
                      "largest_class": float((same[major] < 5).mean()), "energy_found": e_best,
                      "energy_true_largest_class": e_true, "seconds": time.time() - t0})

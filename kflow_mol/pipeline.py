@@ -98,7 +98,8 @@ def build_components(cfg) -> tuple[nn.Module, AssemblyTask, Any]:
                         rot_late_weight=bool(cfg.get("rot_late_weight", False)),
                         shared_start=bool(cfg.get("shared_start", False)),
                         lattice_weight=float(cfg.get("lattice_weight", 0.0)),
-                        lattice_start=bool(cfg.get("lattice_start", False)))
+                        state_noise=float(cfg.get("state_noise", 0.0)),
+                        lattice_start=cfg.get("lattice_start", False))
     return model, task, instantiate(cfg.noise)
 
 

@@ -21,7 +21,7 @@ from ase.data import vdw_radii
 
 from . import so3
 
-__all__ = ["RefineConfig", "RefineResult", "refine_cluster", "uff_vdw"]
+__all__ = ["RefineConfig", "RefineResult", "pair_energy", "refine_cluster", "uff_vdw"]
 
 
 @lru_cache(maxsize=None)
@@ -80,7 +80,7 @@ class RefineResult:
     energy_after: float
 
 
-def _energy(pos: torch.Tensor, x: torch.Tensor, d: torch.Tensor, cutoff: float) -> torch.Tensor:
+def pair_energy(pos: torch.Tensor, x: torch.Tensor, d: torch.Tensor, cutoff: float) -> torch.Tensor:
     """UFF 12-6 energy of intermolecular pairs: ``pos (..., M, n, 3)``, ``x, d (n, n)`` -> ``(...)`` (a stack
     of candidate clusters is scored in one call)."""
     *lead, m, n, _ = pos.shape
@@ -122,7 +122,7 @@ def refine_cluster(species: np.ndarray, template: np.ndarray, c: np.ndarray, R: 
 
     def energy():
         cc, Rn = poses()
-        return _energy(torch.einsum("mij,mnj->mni", Rn, t) + cc[:, None], x, d, cfg.cutoff)
+        return pair_energy(torch.einsum("mij,mnj->mni", Rn, t) + cc[:, None], x, d, cfg.cutoff)
 
     def total():
         return energy() + cfg.restraint * (dc**2).sum()

@@ -78,7 +78,8 @@ def test_localisation_only_active_band_moves():
     path = KPath(t, BandSchedule(0.2))
     s = path.sample(X0[:, :1], X1[:, :1], torch.full((3,), 0.05, dtype=torch.float64))
     coeff = t(s.dx_k)
-    assert torch.all(coeff[..., t.kappa[0, 0] > 0] == 0)  # only the approximation is revealed at k=0.05
+    # only the approximation is revealed at k=0.05 (float64 round-off of the haar filters: 2e-16 with PyWavelets 1.9)
+    assert coeff[..., t.kappa[0, 0] > 0].abs().max() < 1e-12
     assert coeff[..., t.kappa[0, 0] == 0].abs().sum() > 0
 
 

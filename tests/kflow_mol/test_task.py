@@ -11,6 +11,7 @@ from kflow.schedule import BandSchedule
 from kflow_mol import so3
 from kflow_mol.dataset import load_prepared, mini_dir, split_indices
 from kflow_mol.evaluate import evaluate
+from kflow_mol.frames import inertial_frame
 from kflow_mol.rigid import RigidKPath
 from kflow_mol.task import AssemblyTask, Collator, make_batch
 
@@ -115,6 +116,13 @@ def test_lattice_start_is_the_frame_of_the_loose_centroids_and_the_oracle_still_
     assert torch.allclose(turned.R0, Q @ src.R0, atol=1e-9)
     with pytest.raises(ValueError, match="choose one"):
         AssemblyTask(task.path, shared_start=True, lattice_start=True)
+    # the diagnosis "packed" takes the frame of the target centroids, whatever the loose state
+    packed = AssemblyTask(task.path, lattice_start="packed")
+    assert torch.equal(packed.source(batch).R0[:, 0], inertial_frame(batch.c1)[0])
+    assert torch.equal(packed.source(replace(batch, c0=batch.c0 + 3.0)).R0, packed.source(batch).R0)
+    assert AssemblyTask(task.path, lattice_start="false").lattice_start is False
+    with pytest.raises(ValueError, match="'packed'"):
+        AssemblyTask(task.path, lattice_start="target")
 
     _assert_a_perfect_network_assembles(task, src, batch)
 
@@ -125,6 +133,32 @@ def test_closest_equivalent_target_never_rotates_more_than_labelled(clusters):
     ang = lambda R: so3.log(R @ batch.R0.transpose(-1, -2)).norm(dim=-1)  # noqa: E731
     assert torch.all(ang(task.targets(batch)) <= ang(batch.R1) + 1e-9)
     assert torch.equal(AssemblyTask(task.path, symmetric_targets=False).targets(batch), batch.R1)
+
+
+def test_state_noise_moves_only_the_centroids_the_network_sees(clusters):
+    """state_noise: the network is fed the path's centroids plus Gaussian noise of that size (its orientations and
+    the loss's targets unchanged); 0 feeds the path sample itself."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, state, k, batch, node_features):
+            seen.append((state.c, state.R))
+            return torch.zeros(*state.c.shape[:-1], 6, dtype=state.c.dtype)
+
+    batch = make_batch(clusters, dtype=torch.float64)
+    fed = {}
+    for sigma in (0.0, 0.5):
+        task = AssemblyTask(RigidKPath(BandSchedule(0.3), rotation="own"), state_noise=sigma)
+        torch.manual_seed(3)
+        task.loss(Spy(), batch)
+        torch.manual_seed(3)
+        ps = task.path.sample(task._transform(batch), batch.c0, batch.R0, batch.c1, task.targets(batch),
+                              torch.rand(batch.c0.shape[0], dtype=batch.c0.dtype))
+        fed[sigma] = seen.pop()
+        assert torch.allclose(fed[sigma][1], ps.R_k, atol=1e-12)  # orientations as on the path
+    assert torch.equal(fed[0.0][0], ps.c_k)
+    dev = fed[0.5][0] - ps.c_k
+    assert 0.35 < dev.std() < 0.65 and dev.mean().abs() < 0.15
 
 
 def test_loss_is_atom_mse_and_trains(clusters):
