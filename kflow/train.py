@@ -482,6 +482,10 @@ class Trainer:
             The last logged train metrics (``step``, ``loss``, ``lr``, ...) merged with the last eval metrics.
         """
         cfg = self.cfg
+        # bitwise-reproducible runs: with several CPU threads some kernels (scatter/index_add) otherwise sum in
+        # a varying order (weights differing by ~1e-5 after a few steps); kernels without a deterministic
+        # version only warn
+        torch.use_deterministic_algorithms(True, warn_only=True)
         self.dist = distributed_setup(self.device)
         rank, world = self.dist.rank, self.dist.world_size
         loaded = False
