@@ -22,27 +22,25 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from kflow_mol.dataset import load_prepared, split_indices
 from kflow_mol.evaluate import evaluate, predict_clusters
 from kflow_mol.metrics import evaluate_cluster, intermolecular_clashes, summarize
-from kflow_mol.pipeline import load_model, solver_config
+from kflow_mol.pipeline import load_data, load_model, solver_config
 from kflow_mol.refine import pair_energy, uff_vdw
 from kflow_mol.shapes import copy_perms
-
-SIGNS = ((1, 1, 1), (-1, -1, 1), (-1, 1, -1), (1, -1, -1))
+from mol_frame_stability import SIGNS  # the four proper sign patterns (this folder is on sys.path)
 KEYS = ("pm_atom", "pm_atom_symmetry_aware", "pm_center", "rot_median_deg", "rot_within_10deg")
 
 
 def with_signs(task, signs):
-    """A copy of a ``lattice_start`` task whose start frame is ``F diag(signs)`` (a proper rotation of it)."""
+    """A copy of a ``lattice_start`` task whose start frame is ``F diag(signs)``, ``signs (3,)`` (a proper
+    rotation of it)."""
     if not task.lattice_start:
         raise SystemExit("the model was not trained with lattice_start=true: there is no frame to flip")
     flipped, base = copy.copy(task), task.source
-    s = torch.tensor(signs, dtype=torch.float64)
 
     def source(batch):
         b = base(batch)
-        return replace(b, R0=(b.R0 * s.to(b.R0)).contiguous())  # scales the frame's columns (axes)
+        return replace(b, R0=(b.R0 * signs.to(b.R0)).contiguous())  # scales the frame's columns (axes)
 
     flipped.source = source
     return flipped
@@ -64,13 +62,11 @@ def main() -> None:
     args = ap.parse_args()
     loaded = load_model(args.ckpt)
     seed = int(loaded.cfg.data.split_seed)
-    clusters, _ = load_prepared(args.data, None, loaded.noise, seed=seed, progress=False)
-    if args.split != "all":
-        clusters = [clusters[i] for i in split_indices(len(clusters), seed)[args.split]]
-    clusters = clusters[: args.limit or None]
+    clusters = load_data(args.data, None, loaded.noise, seed).select(args.split, seed, args.limit)
     solver = solver_config(loaded.cfg, steps=args.steps)
     scores = []  # [variant][cluster] -> metrics with energy
-    for s in SIGNS:
+    names = [tuple(int(x) for x in s) for s in SIGNS]
+    for s, name in zip(SIGNS, names):
         torch.manual_seed(0)
         preds, _ = predict_clusters(loaded.model, with_signs(loaded.task, s), clusters, solver)
         rows = []
@@ -79,10 +75,10 @@ def main() -> None:
             r.update(energy=energy(p, c["species"]), clashes=intermolecular_clashes(p, c["species"])["clashes"])
             rows.append(r)
         scores.append(rows)
-        print(f"signs {s}: " + "  ".join(f"{k} {summarize(rows)[k]:.3f}" for k in KEYS), flush=True)
+        print(f"signs {name}: " + "  ".join(f"{k} {summarize(rows)[k]:.3f}" for k in KEYS), flush=True)
     out = {"ckpt": str(args.ckpt), "data": args.data, "split": args.split, "clusters": len(clusters),
-           "steps": args.steps, "variants": {str(s): {k: float(summarize(r)[k]) for k in KEYS}
-                                             for s, r in zip(SIGNS, scores)}}
+           "steps": args.steps, "variants": {str(n): {k: float(summarize(r)[k]) for k in KEYS}
+                                             for n, r in zip(names, scores)}}
     pick = {"oracle": lambda rs: min(range(4), key=lambda v: rs[v]["pm_atom_symmetry_aware"]),
             "energy": lambda rs: min(range(4), key=lambda v: rs[v]["energy"]),
             "clashes": lambda rs: min(range(4), key=lambda v: (rs[v]["clashes"], rs[v]["energy"]))}
@@ -90,7 +86,7 @@ def main() -> None:
         chosen = [rule([scores[v][i] for v in range(4)]) for i in range(len(clusters))]
         rows = [scores[v][i] for i, v in enumerate(chosen)]
         out[f"select_{name}"] = {**{k: float(summarize(rows)[k]) for k in KEYS},
-                                 "chosen": [SIGNS[v] for v in chosen]}
+                                 "chosen": [names[v] for v in chosen]}
         print(f"select by {name}: " + "  ".join(f"{k} {out[f'select_{name}'][k]:.3f}" for k in KEYS), flush=True)
     floor = evaluate(None, None, clusters, expansion_mean=float(loaded.noise.expansion_mean))["centroid_oracle"]
     out["centroid_oracle"] = {k: float(floor[k]) for k in KEYS}

@@ -12,6 +12,7 @@ the centroid oracle; the median rotation error).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 from pathlib import Path
@@ -19,9 +20,8 @@ from pathlib import Path
 import torch
 
 from kflow.train import load_model_weights
-from kflow_mol.dataset import load_prepared, split_indices
 from kflow_mol.evaluate import evaluate
-from kflow_mol.pipeline import load_model, solver_config
+from kflow_mol.pipeline import load_data, load_model, solver_config
 
 KEYS = ("pm_atom", "pm_atom_symmetry_aware", "pm_center", "rot_median_deg", "rot_within_10deg")
 
@@ -41,18 +41,20 @@ def run_steps(run: Path) -> list[tuple[int, Path | None]]:
 def curve(run: Path, data: str, split: str = "test", limit: int = 0, steps: int = 50) -> list[dict]:
     """Scores of every kept checkpoint of ``run`` (and its final model) on ``split`` of ``data``."""
     loaded = load_model(run)
-    clusters, _ = load_prepared(data, None, loaded.noise, seed=int(loaded.cfg.data.split_seed), progress=False)
-    if split != "all":
-        clusters = [clusters[i] for i in split_indices(len(clusters), int(loaded.cfg.data.split_seed))[split]]
-    clusters = clusters[: limit or None]
+    seed = int(loaded.cfg.data.split_seed)
+    clusters = load_data(data, None, loaded.noise, seed).select(split, seed, limit)
     batch_size = int(loaded.cfg.trainer.batch_size)  # the sampler's batch too (inference is per cluster)
+    model = loaded.model.eval()
+    final = copy.deepcopy(model.state_dict())  # model.pt's weights, for the last row
+    solver = solver_config(loaded.cfg, steps=steps)
     rows = []
     for step, ckpt in run_steps(run):
-        model = load_model(run).model
-        if ckpt is not None:
+        if ckpt is None:
+            model.load_state_dict(final)
+        else:
             load_model_weights(model, ckpt)
         torch.manual_seed(0)
-        res = evaluate(model.eval(), loaded.task, clusters, solver_config(loaded.cfg, steps=steps),
+        res = evaluate(model, loaded.task, clusters, solver,
                        batch_size=batch_size, expansion_mean=float(loaded.noise.expansion_mean), progress=False)
         row = {"run": run.name, "step": step, "clusters_seen": step * batch_size,
                **{k: float(res["model"][k]) for k in KEYS},

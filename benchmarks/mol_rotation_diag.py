@@ -21,8 +21,7 @@ import json
 import numpy as np
 import torch
 
-from kflow_mol.pipeline import load_model
-from kflow_mol.dataset import load_prepared, split_indices
+from kflow_mol.pipeline import load_data, load_model, solver_config
 from kflow_mol.evaluate import evaluate
 from kflow_mol.metrics import evaluate_cluster, summarize
 from kflow_mol.rigid import rotation_error
@@ -57,22 +56,18 @@ def by_k(model, task, clusters, bins: int = 10, draws: int = 2, seed: int = 0) -
 
 
 @torch.no_grad()
-def sample_centroids_forced(model, task, clusters, steps: int = 50) -> dict:
-    """Summary metrics of the sampler (uniform grid) whose centroids are reset to the true path after every
-    step; orientations come from the sampler alone."""
+def sample_centroids_forced(model, task, clusters, solver) -> dict:
+    """Summary metrics of the task's sampler with the centroids reset to the true path after every step
+    (``on_step``); orientations come from the sampler alone."""
+
+    def force(batch, s, k_next):
+        on_path = task.path.sample(task._transform(batch), batch.c0, batch.R0, batch.c1, task.targets(batch), k_next)
+        return torch.cat([on_path.s_k[..., :3], s[..., 3:]], -1)
+
     rows = []
     for i in range(0, len(clusters), 8):
         items = clusters[i:i + 8]
-        batch = task.source(make_batch(items))
-        R1, transform = task.targets(batch), task._transform(batch)
-        s = task.path.start(batch.c0)
-        grid = torch.linspace(0, 1, steps + 1, dtype=s.dtype)
-        for j in range(steps):
-            k, k_next = grid[j].expand(s.shape[0]), grid[j + 1].expand(s.shape[0])
-            s = task.path.step(transform, s, task.predict(model, transform, s, k, batch), batch.c0, batch.R0, k, k_next)
-            on_path = task.path.sample(transform, batch.c0, batch.R0, batch.c1, R1, k_next).s_k
-            s = torch.cat([on_path[..., :3], s[..., 3:]], -1)
-        pos = batch.clusters.positions_padded(*task.path.rigid(s, batch.R0)).double().numpy()
+        pos = task.sample(model, make_batch(items), solver, on_step=force).positions.double().numpy()
         rows += [evaluate_cluster(pos[b, :, :len(it["species"])], it["final"], it["species"], copy_perms(it))
                  for b, it in enumerate(items)]
     return summarize(rows)
@@ -130,18 +125,16 @@ def main() -> None:
     model, task, noise, cfg, info, _ = load_model(args.ckpt)
     if args.rot_source:
         task.path.rot_source = args.rot_source
-    clusters, _ = load_prepared(args.data, None, noise, seed=int(cfg.data.split_seed), progress=False)
-    if args.split != "all":
-        clusters = [clusters[i] for i in split_indices(len(clusters), int(cfg.data.split_seed))[args.split]]
-    clusters = clusters[: args.limit or None]
+    seed = int(cfg.data.split_seed)
+    clusters = load_data(args.data, None, noise, seed).select(args.split, seed, args.limit)
     rows = by_k(model, task, clusters, args.bins)
     print(f"{len(clusters)} {args.split} clusters; endpoint prediction on path samples (median angle to the "
           f"closest equivalent target; atom-level rotation RMSD):")
     print("   k   pred deg   left deg   pred Å   left Å")
     for r in rows:
         print(f"{r['k']:5.2f}  {r['pred_deg']:8.1f}  {r['left_deg']:9.1f}  {r['pred_A']:7.2f}  {r['left_A']:7.2f}")
-    res = evaluate(model, task, clusters, steps=args.steps, method=cfg.solver.method,
-                   expansion_mean=float(noise.expansion_mean))
+    solver = solver_config(cfg, steps=args.steps)
+    res = evaluate(model, task, clusters, solver, expansion_mean=float(noise.expansion_mean))
     m, co = res["model"], res["centroid_oracle"]
     print(f"sampled ({args.steps} steps): rotation median {m['rot_median_deg']:.1f} deg, within 10 deg "
           f"{m['rot_within_10deg']:.2f}; PM-atom {m['pm_atom']:.2f} (sym-aware {m['pm_atom_symmetry_aware']:.2f}), "
@@ -151,7 +144,7 @@ def main() -> None:
     out = {"label": args.label, "by_k": rows, "model": m, "floors": {k: res[k] for k in ("do_nothing", "centroid_oracle")},
            "clusters": len(clusters), "split": args.split, "ckpt": args.ckpt}
     if args.force_centroids:
-        f = out["centroids_forced"] = sample_centroids_forced(model, task, clusters, args.steps)
+        f = out["centroids_forced"] = sample_centroids_forced(model, task, clusters, solver)
         print(f"sampled with the centroids forced on the true path: rotation median {f['rot_median_deg']:.1f} deg, "
               f"within 10 deg {f['rot_within_10deg']:.2f}; PM-atom {f['pm_atom']:.2f} "
               f"(sym-aware {f['pm_atom_symmetry_aware']:.2f})")

@@ -181,6 +181,11 @@ class ClusterData:
         """The seeded 80/10/10 ``train``/``val``/``test`` split (``dataset.split_indices``)."""
         return {k: [self.clusters[i] for i in idx] for k, idx in split_indices(len(self.clusters), seed).items()}
 
+    def select(self, split: str, seed, limit: int = 0) -> list[dict]:
+        """The clusters of one split (``train``/``val``/``test``, or ``all``), the first ``limit`` (0 = all)."""
+        clusters = self.clusters if split == "all" else self.split(seed)[split]
+        return clusters[: limit or None]
+
 
 def load_data(name: str, root, noise, split_seed, log: Log = _stderr, min_packing: float | None = None) -> ClusterData:
     """Prepared clusters of a dataset; rejected inputs are logged in one line (count, reasons, the first).
@@ -272,9 +277,7 @@ def evaluate(loaded: LoadedModel, data: str, root, split_seed: int, split: str =
         ``rejected``.
     """
     cd = load_data(data, root, loaded.noise, split_seed, log, min_packing)
-    clusters = cd.clusters if split == "all" else cd.split(split_seed)[split]
-    if limit:
-        clusters = clusters[:limit]
+    clusters = cd.select(split, split_seed, limit)
     solver = solver or solver_config(loaded.cfg)
     res = evaluate_clusters(loaded.model, loaded.task, clusters, solver, device=device,
                             expansion_mean=float(loaded.noise.expansion_mean), progress=progress,

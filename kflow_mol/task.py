@@ -286,13 +286,16 @@ class AssemblyTask:
     @torch.no_grad()
     def sample(self, model: nn.Module, batch: AssemblyBatch, solver: SolverConfig | None = None, *,
                steps: int | None = None, method: str | None = None, grid: str | None = None,
-               return_trajectory: bool = False) -> Assembly:
+               return_trajectory: bool = False, on_step=None) -> Assembly:
         """Assemble the loose clusters of ``batch`` (the task protocol's ``sample(model, batch, solver)``).
 
         Args:
             solver: steps, method (``exact`` only) and grid (default: 50 uniform steps); its ``source`` is not
                 used (centroids keep the loose state as source, rotations follow ``path.rot_source``).
             steps, method, grid: override single fields of ``solver``.
+            on_step: optional ``f(batch, s, k_next) -> s``, applied to the state ``(B, M, 6)`` after every step
+                (``batch`` with its rotational source); diagnoses use it to put part of the state back on a
+                known path.
 
         Returns:
             :class:`Assembly`: positions, poses, the grid, model calls, seconds, optionally the trajectory.
@@ -317,6 +320,8 @@ class AssemblyTask:
             k, k_next = k_grid[i].expand(b), k_grid[i + 1].expand(b)
             s1_hat = self.predict(model, transform, s, k, batch, cache)
             s = self.path.step(transform, s, s1_hat, batch.c0, batch.R0, k, k_next)
+            if on_step is not None:
+                s = on_step(batch, s, k_next)
             if traj is not None:
                 traj.append(s)
         c, R = self.path.rigid(s, batch.R0)

@@ -135,6 +135,33 @@ def test_closest_equivalent_target_never_rotates_more_than_labelled(clusters):
     assert torch.equal(AssemblyTask(task.path, symmetric_targets=False).targets(batch), batch.R1)
 
 
+def test_on_step_rewrites_the_sampler_state_after_every_step(clusters):
+    """sample(on_step=f): f sees the sourced batch and every k_next of the grid, and its state is the one the
+    sampler goes on from; putting the whole state back on the true path reaches the crystal with a network that
+    predicts no move at all."""
+    task = AssemblyTask(RigidKPath(BandSchedule(0.3), rotation="own"), lattice_start=True)
+    batch = make_batch(clusters, dtype=torch.float64)
+
+    class Still(torch.nn.Module):
+        def forward(self, x_k, k, batch=None, node_features=None):
+            return torch.zeros(*x_k.c.shape[:-1], 6, dtype=x_k.c.dtype)
+
+    seen = []
+
+    def on_path(b, s, k_next):
+        seen.append(float(k_next[0]))
+        assert torch.equal(b.R0, task.source(batch).R0)
+        R1 = task.targets(b)
+        return task.path.sample(task._transform(b), b.c0, b.R0, b.c1, R1, k_next).s_k
+
+    res = task.sample(Still(), batch, steps=5, on_step=on_path)
+    assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert torch.allclose(res.c, batch.c1, atol=1e-8)
+    assert torch.allclose(res.R, task.targets(task.source(batch)), atol=1e-8)
+    free = task.sample(Still(), batch, steps=5)
+    assert torch.allclose(free.c, batch.c0) and not torch.allclose(free.c, batch.c1)
+
+
 def test_state_noise_moves_only_the_centroids_the_network_sees(clusters):
     """state_noise: the network is fed the path's centroids plus Gaussian noise of that size (its orientations and
     the loss's targets unchanged); 0 feeds the path sample itself."""
