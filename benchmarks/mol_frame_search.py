@@ -21,13 +21,13 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from mol_frame_stability import SIGNS  # the four proper sign patterns (this folder is on sys.path)
 
 from kflow_mol.evaluate import evaluate, predict_clusters
 from kflow_mol.metrics import evaluate_cluster, intermolecular_clashes, summarize
 from kflow_mol.pipeline import load_data, load_model, solver_config
 from kflow_mol.refine import pair_energy, uff_vdw
-from kflow_mol.shapes import copy_perms
-from mol_frame_stability import SIGNS  # the four proper sign patterns (this folder is on sys.path)
+
 KEYS = ("pm_atom", "pm_atom_symmetry_aware", "pm_center", "rot_median_deg", "rot_within_10deg")
 
 
@@ -71,8 +71,8 @@ def main() -> None:
         preds, _ = predict_clusters(loaded.model, with_signs(loaded.task, s), clusters, solver)
         rows = []
         for p, c in zip(preds, clusters):
-            r = evaluate_cluster(p, c["final"], c["species"], copy_perms(c))
-            r.update(energy=energy(p, c["species"]), clashes=intermolecular_clashes(p, c["species"])["clashes"])
+            r = evaluate_cluster(p, c.final, c.species, c.copy_perms())
+            r.update(energy=energy(p, c.species), clashes=intermolecular_clashes(p, c.species)["clashes"])
             rows.append(r)
         scores.append(rows)
         print(f"signs {name}: " + "  ".join(f"{k} {summarize(rows)[k]:.3f}" for k in KEYS), flush=True)

@@ -80,7 +80,7 @@ def main() -> None:
     res: dict[str, list[float]] = {"loose": [], **{f"packed_noise_{s:g}": [] for s in sigmas}}
     skew, gap = [], []
     for cl in clusters:
-        final = np.asarray(cl["final"], dtype=np.float64)
+        final = np.asarray(cl.final, dtype=np.float64)
         c1 = torch.from_numpy(final.mean(1))
         F1 = frame(c1)
         q = (c1 - c1.mean(0)) @ F1

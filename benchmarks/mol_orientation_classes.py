@@ -24,7 +24,6 @@ import numpy as np
 from kflow_mol.dataset import load_prepared
 from kflow_mol.evaluate import _score
 from kflow_mol.metrics import oracle_floors
-from kflow_mol.shapes import copy_perms
 
 
 def _angle(Ra: np.ndarray, Rb: np.ndarray) -> np.ndarray:
@@ -35,13 +34,13 @@ def _angle(Ra: np.ndarray, Rb: np.ndarray) -> np.ndarray:
 
 def classes(cluster: dict, tol: float) -> dict:
     """Orientation classes of every shape and the consensus-oracle positions ``(M, n, 3)``."""
-    R1, cs = np.asarray(cluster["R1"]), np.asarray(cluster["copy_shape"])
-    body, c1 = np.asarray(cluster["body"]), np.asarray(cluster["c1"])
-    pred = np.empty_like(np.asarray(cluster["final"]))
+    R1, cs = np.asarray(cluster.R1), np.asarray(cluster.copy_shape)
+    body, c1 = np.asarray(cluster.body), np.asarray(cluster.c1)
+    pred = np.empty_like(np.asarray(cluster.final))
     sizes, err = [], np.zeros(len(cs))
     for s in np.unique(cs):
         idx = np.where(cs == s)[0]
-        S = np.asarray(cluster["shape_symmetries"][s][: cluster["shape_orders"][s]])
+        S = np.asarray(cluster.shape_symmetries[s][: cluster.shape_orders[s]])
         # equivalents of every copy's orientation: R_i S_g, (I, G, 3, 3); distance to R_j up to the symmetry
         eq = np.einsum("iab,gbc->igac", R1[idx], S)
         D = _angle(eq[:, None], R1[idx][None, :, None]).min(-1)  # (I, J)
@@ -71,9 +70,9 @@ def main() -> None:
     for c in clusters:
         r = classes(c, args.tol)
         cons = _score(r["pred"], c)
-        floor = oracle_floors(c["initial"], c["final"], c["species"], copy_perms(c), 2.0)["centroid_oracle"]
-        M = len(c["copy_shape"])
-        rows.append({"id": c["id"], "shapes": len(r["sizes"]), "class_sizes": r["sizes"],
+        floor = oracle_floors(c.initial, c.final, c.species, c.copy_perms(), 2.0)["centroid_oracle"]
+        M = len(c.copy_shape)
+        rows.append({"id": c.id, "shapes": len(r["sizes"]), "class_sizes": r["sizes"],
                      "classes": sum(len(s) for s in r["sizes"]), "frac_largest": sum(s[0] for s in r["sizes"]) / M,
                      "consensus_within_10deg": float((r["err"] < 10).mean()),
                      "consensus_pm_atom": cons["pm_atom"], "consensus_pm_atom_sym": cons["pm_atom_symmetry_aware"],

@@ -20,11 +20,11 @@ import time
 import numpy as np
 import roma
 import torch
+from mol_orientation_classes import _angle  # the benchmark beside this one (scripts run from benchmarks/)
 
 from kflow_mol import so3
 from kflow_mol.dataset import load_prepared
 from kflow_mol.refine import pair_energy, uff_vdw
-from mol_orientation_classes import _angle  # the benchmark beside this one (scripts run from benchmarks/)
 
 
 def search(species: np.ndarray, template: np.ndarray, c: torch.Tensor, candidates: int, seed: int = 0):
@@ -66,23 +66,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     clusters, _ = load_prepared(args.data, progress=False)
-    picked = [c for c in clusters if len(np.unique(c["copy_shape"])) == 1]
+    picked = [c for c in clusters if len(np.unique(c.copy_shape)) == 1]
     print(f"{len(picked)} of {len(clusters)} clusters have one shape; sigma {args.sigma} Å", flush=True)
     rows = []
     for i in np.random.default_rng(0).permutation(len(picked))[: args.limit]:
         cl, t0 = picked[i], time.time()
-        c = torch.tensor(cl["c1"], dtype=torch.float64)
+        c = torch.tensor(cl.c1, dtype=torch.float64)
         if args.sigma:
             c = c + args.sigma * torch.randn(c.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(int(i)))
-        e_best, g = search(cl["species"], cl["templates"][0], c, args.candidates)
-        R1, S = cl["R1"], cl["shape_symmetries"][0][: cl["shape_orders"][0]]
+        e_best, g = search(cl.species, cl.templates[0], c, args.candidates)
+        R1, S = cl.R1, cl.shape_symmetries[0][: cl.shape_orders[0]]
         err = np.array([min(_angle(g @ s, R1[j]) for s in S) for j in range(len(R1))])
         same = np.array([[min(_angle(R1[a] @ s, R1[b]) for s in S) for b in range(len(R1))] for a in range(len(R1))])
         major = int((same < 5).sum(1).argmax())
-        T = torch.tensor(cl["templates"][0], dtype=torch.float64)
-        x, d = (torch.from_numpy(a) for a in uff_vdw(np.asarray(cl["species"])))
+        T = torch.tensor(cl.templates[0], dtype=torch.float64)
+        x, d = (torch.from_numpy(a) for a in uff_vdw(np.asarray(cl.species)))
         e_true = float(pair_energy(c[:, None] + (T @ torch.tensor(R1[major]).T)[None], x, d, 8.0))
-        rows.append({"id": cl["id"], "median_deg": float(np.median(err)), "within_10deg": float((err < 10).mean()),
+        rows.append({"id": cl.id, "median_deg": float(np.median(err)), "within_10deg": float((err < 10).mean()),
                      "largest_class": float((same[major] < 5).mean()), "energy_found": e_best,
                      "energy_true_largest_class": e_true, "seconds": time.time() - t0})
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}), flush=True)

@@ -35,7 +35,7 @@ def h_bond_donor(species: np.ndarray, pos: np.ndarray) -> bool:
 
 
 def perturbed(c: dict, deg: float, rng: np.random.Generator) -> np.ndarray:
-    final = c["final"]
+    final = c.final
     out = np.empty_like(final)
     for i, x in enumerate(final):
         axis = rng.standard_normal(3)
@@ -49,9 +49,9 @@ def perturbed(c: dict, deg: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def score(pos, c) -> dict:
-    m = evaluate_cluster(pos, c["final"], c["species"], c["perms"])
+    m = evaluate_cluster(pos, c.final, c.species, c.perms)
     return {"pm": m["pm_atom_symmetry_aware"], "rot": m["rot_median_deg"],
-            "clashes": intermolecular_clashes(pos, c["species"])["clashes"]}
+            "clashes": intermolecular_clashes(pos, c.species)["clashes"]}
 
 
 def main() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
     rows = []
     for c, p in zip(clusters, starts):
         before, after = score(p, c), score(refine_positions(p, c, cfg), c)
-        rows.append({"id": c["id"], "h_bond_donor": h_bond_donor(c["species"], c["template"]),
+        rows.append({"id": c.id, "h_bond_donor": h_bond_donor(c.species, c.template),
                      "before": before, "after": after})
         print(f"{c['id'][:40]:40s} {'H-bond' if rows[-1]['h_bond_donor'] else 'vdW   '} PM sym-aware "
               f"{before['pm']:5.2f} -> {after['pm']:5.2f} Å, rotation {before['rot']:5.1f} -> {after['rot']:5.1f}°, "

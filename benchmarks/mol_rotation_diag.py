@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
-from kflow_mol.pipeline import load_data, load_model, solver_config
 from kflow_mol.evaluate import evaluate
 from kflow_mol.metrics import evaluate_cluster, summarize
+from kflow_mol.pipeline import load_data, load_model, solver_config
 from kflow_mol.rigid import rotation_error
-from kflow_mol.shapes import copy_perms
 from kflow_mol.task import make_batch
 
 
@@ -68,7 +66,7 @@ def sample_centroids_forced(model, task, clusters, solver) -> dict:
     for i in range(0, len(clusters), 8):
         items = clusters[i:i + 8]
         pos = task.sample(model, make_batch(items), solver, on_step=force).positions.double().numpy()
-        rows += [evaluate_cluster(pos[b, :, :len(it["species"])], it["final"], it["species"], copy_perms(it))
+        rows += [evaluate_cluster(pos[b, :, :len(it.species)], it.final, it.species, it.copy_perms())
                  for b, it in enumerate(items)]
     return summarize(rows)
 

@@ -6,7 +6,8 @@ nothing heavy at module level, so ``--help`` and argument errors stay fast.
 
 Exit codes of both CLIs: ``0`` success, ``2`` bad input (a missing or rejected file, a bad argument or
 override, an unusable model file or checkpoint, an unavailable device; one ``error: ...`` line on stderr),
-``1`` internal failure (a bug: the traceback is printed for the report).
+``1`` internal failure (a bug: the traceback is printed for the report), ``141`` the reader of the output went
+away (``kflow-mol inspect x.cif | head``: quiet, as a shell tool killed by SIGPIPE reports it).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_BROKEN_PIPE = 0, 1, 2, 141
 
 #: the packages whose classes a config's ``_target_`` may name
 OWN_PACKAGES = ("kflow", "kflow_mol", "kflow_image")
@@ -60,6 +61,10 @@ def run_command(fn, args: Any, extra: list[str], bad_input: tuple = ()) -> int:
 
     try:
         return fn(args, extra)
+    except BrokenPipeError:
+        # stdout's reader closed it: no traceback; point stdout at devnull so the flush at exit is quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as err:
         if not isinstance(err, _bad_input_types(bad_input)):
             raise

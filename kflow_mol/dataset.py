@@ -26,10 +26,11 @@ from .cif import cluster_from_cif
 from .data import BuildError, ClusterRecord
 from .io import list_raw_ids, read_raw_pair
 from .noise import LooseConfig, make_loose
+from .prepared import PreparedCluster
 from .shapes import SHAPE_TOL, find_shapes, shape_symmetries
 
 OFFICIAL = {"cod17-5k": "5k", "cod17-10k": "10k", "cod17-all": "all"}
-CACHE_VERSION = 2  # 2: per-copy rigid bodies (templates, copy_shape, body)
+CACHE_VERSION = 3  # 2: per-copy rigid bodies (templates, copy_shape, body); 3: PreparedCluster fields only
 
 
 def default_cache_dir() -> Path:
@@ -142,13 +143,13 @@ def rejection_summary(rejected: list[dict]) -> dict:
     return {"count": len(rejected), "by_reason": dict(sorted(by.items())), "items": list(rejected)}
 
 
-def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0, shape_tol: float | None = None) -> dict:
-    """Everything training and evaluation need for one cluster, as numpy arrays (see module doc).
+def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0,
+            shape_tol: float | None = None) -> PreparedCluster:
+    """Everything training and evaluation need for one cluster (:class:`kflow_mol.prepared.PreparedCluster`).
 
     Each copy is its own rigid body (:mod:`kflow_mol.shapes`): ``body (M, n, 3)`` with
     ``final_i = body_i @ R1_i^T + c1_i`` exactly; copies of one shape share ``templates[copy_shape[i]]`` and its
-    automorphisms ``shape_perms`` / ``shape_symmetries`` (identity-padded; ``shape_orders`` the real orders).
-    ``template``, ``perms`` and ``symmetries`` are those of shape 0 (the central copy's).
+    automorphisms. A missing loose state is drawn with the noise model, seeded by ``seed`` and the cluster id.
     """
     final = np.asarray(record.final, dtype=np.float64)
     sh = find_shapes(final, SHAPE_TOL if shape_tol is None else shape_tol)
@@ -156,16 +157,14 @@ def prepare(record: ClusterRecord, noise_cfg=None, seed: int = 0, shape_tol: flo
     if initial is None:
         initial = make_loose(final, file_rng(seed, record.id), noise_cfg or LooseConfig())
     perms, rots, orders = shape_symmetries(record.species, sh.templates)
-    g0 = int(orders[0])
-    return {"id": record.id, "species": np.asarray(record.species, dtype=np.int64), "template": sh.templates[0],
-            "final": final, "initial": np.asarray(initial, dtype=np.float64), "R1": sh.R, "c1": final.mean(1),
-            "perms": perms[0, :g0], "symmetries": rots[0, :g0], "templates": sh.templates,
-            "copy_shape": sh.copy_shape, "body": sh.body, "shape_perms": perms, "shape_symmetries": rots,
-            "shape_orders": orders, "mirror_of": sh.mirror_of}
+    return PreparedCluster(id=record.id, species=np.asarray(record.species, dtype=np.int64), final=final,
+                           initial=np.asarray(initial, dtype=np.float64), R1=sh.R, c1=final.mean(1),
+                           templates=sh.templates, copy_shape=sh.copy_shape, body=sh.body, shape_perms=perms,
+                           shape_symmetries=rots, shape_orders=orders, mirror_of=sh.mirror_of)
 
 
 def load_prepared(data: str, data_root=None, noise_cfg=None, seed: int = 0, cache_dir=None,
-                  progress: bool = True, min_packing: float | None = None) -> tuple[list[dict], dict]:
+                  progress: bool = True, min_packing: float | None = None) -> tuple[list[PreparedCluster], dict]:
     """Prepared clusters of a dataset (cached) and a report ``{"source", "accepted", "rejected"}``
     (``min_packing``: see :func:`load_records`)."""
     source = resolve(data, data_root)
@@ -178,7 +177,7 @@ def load_prepared(data: str, data_root=None, noise_cfg=None, seed: int = 0, cach
     cache = Path(cache_dir or default_cache_dir()) / f"{source.name}-{_fingerprint(files, settings)}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
-        return [_from_tensors(c) for c in blob["clusters"]], json.loads(blob["report"])
+        return [PreparedCluster.from_tensors(c) for c in blob["clusters"]], json.loads(blob["report"])
     records, rejected = load_records(source, progress=progress, min_packing=min_packing)
     clusters = []
     for r in records:
@@ -192,16 +191,8 @@ def load_prepared(data: str, data_root=None, noise_cfg=None, seed: int = 0, cach
                          f"{rejected[0]['message'] if rejected else 'no input files'})")
     report = {"source": str(source.path), "kind": source.kind, "accepted": len(clusters), "rejected": rejected}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"clusters": [_to_tensors(c) for c in clusters], "report": json.dumps(report)}, cache)
+    atomic_save({"clusters": [c.to_tensors() for c in clusters], "report": json.dumps(report)}, cache)
     return clusters, report
-
-
-def _to_tensors(c: dict) -> dict:
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in c.items()}
-
-
-def _from_tensors(c: dict) -> dict:
-    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
 
 
 def split_indices(n: int, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str, np.ndarray]:

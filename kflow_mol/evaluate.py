@@ -12,8 +12,8 @@ from tqdm import tqdm
 from kflow.solver import SolverConfig
 
 from .metrics import CLASH_FRACTION, evaluate_cluster, intermolecular_clashes, oracle_floors, summarize
+from .prepared import PreparedCluster
 from .refine import refine_cluster
-from .shapes import copy_perms
 from .so3 import kabsch_np
 from .task import AssemblyTask, make_batch
 
@@ -24,8 +24,9 @@ _VERDICT_FLOORS = {"do_nothing": "the loose state", "undo_mean_expansion": "undo
 _CLASH_KEYS = ("clashes", "clashing_molecules", "min_contact", "min_vdw_ratio")
 
 
-def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[dict], solver: SolverConfig | None = None,
-                     batch_size: int = 8, device="cpu", progress: bool = False) -> tuple[list[np.ndarray], float]:
+def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[PreparedCluster],
+                     solver: SolverConfig | None = None, batch_size: int = 8, device="cpu",
+                     progress: bool = False) -> tuple[list[np.ndarray], float]:
     """Assemble every cluster from its stored loose state with ``solver`` (default: 50 exact uniform steps);
     returns ``(positions (17, n, 3) each, seconds)``."""
     model.eval()
@@ -41,11 +42,11 @@ def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[dict],
         seconds += time.perf_counter() - t0
         pos = res.positions.double().cpu().numpy()
         for b, it in enumerate(items):
-            outs.append(pos[b, :, :len(it["species"])])
+            outs.append(pos[b, :, :len(it.species)])
     return outs, seconds
 
 
-def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[dict],
+def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[PreparedCluster],
              solver: SolverConfig | None = None, *, batch_size: int = 8, device="cpu",
              expansion_mean: float | None = 2.0, progress: bool = False, refine=None,
              steps: int | None = None, method: str | None = None, grid: str | None = None) -> dict:
@@ -58,21 +59,21 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
     minimisation and scored separately as ``model_refined`` (never folded into ``model``)."""
     solver = (solver or SolverConfig()).replace(steps=steps, method=method, grid=grid)
     out: dict = {"num_clusters": len(clusters), "steps": solver.steps, "method": solver.method}
-    floors = [oracle_floors(c["initial"], c["final"], c["species"], copy_perms(c), expansion_mean) for c in clusters]
+    floors = [oracle_floors(c.initial, c.final, c.species, c.copy_perms(), expansion_mean) for c in clusters]
     for name in FLOOR_NAMES:
         if floors and name in floors[0]:
             out[name] = summarize([f[name] for f in floors])
-    orders = [int(len(c["perms"])) for c in clusters]  # the central copy's point group
+    orders = [int(len(c.perms)) for c in clusters]  # the central copy's point group
     out["symmetry_orders"] = {str(k): orders.count(k) for k in sorted(set(orders))}
-    shapes = [len(c.get("templates", [0])) for c in clusters]  # distinct rigid shapes per cluster
+    shapes = [len(c.templates) for c in clusters]  # distinct rigid shapes per cluster
     out["shapes_per_cluster"] = {str(k): shapes.count(k) for k in sorted(set(shapes))}
     if model is not None:
         preds, seconds = predict_clusters(model, task, clusters, solver, batch_size, device, progress)
         per = [_score(p, c) for p, c in zip(preds, clusters)]
         out["model"] = summarize(per)
         out["seconds_per_cluster"] = seconds / max(len(clusters), 1)
-        out["per_cluster"] = [{"id": c["id"], **{k: v for k, v in r.items()}} for c, r in zip(clusters, per)]
-        refs = [intermolecular_clashes(c["final"], c["species"])["clashes"] for c in clusters]
+        out["per_cluster"] = [{"id": c.id, **{k: v for k, v in r.items()}} for c, r in zip(clusters, per)]
+        refs = [intermolecular_clashes(c.final, c.species)["clashes"] for c in clusters]
         out["clashes"] = {"clash_fraction": CLASH_FRACTION,
                           "clusters_with_clashes": sum(r["clashes"] > 0 for r in per),
                           "clashes_total": sum(r["clashes"] for r in per),
@@ -91,19 +92,19 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
     return out
 
 
-def _score(pred: np.ndarray, cluster: dict) -> dict:
+def _score(pred: np.ndarray, cluster: PreparedCluster) -> dict:
     """Every metric of one assembled cluster against its reference, with the clash figures."""
-    clash = intermolecular_clashes(pred, cluster["species"])
-    return {**evaluate_cluster(pred, cluster["final"], cluster["species"], copy_perms(cluster)),
+    clash = intermolecular_clashes(pred, cluster.species)
+    return {**evaluate_cluster(pred, cluster.final, cluster.species, cluster.copy_perms()),
             **{k: clash[k] for k in _CLASH_KEYS}}
 
 
-def refine_positions(pred: np.ndarray, cluster: dict, cfg) -> np.ndarray:
+def refine_positions(pred: np.ndarray, cluster: PreparedCluster, cfg) -> np.ndarray:
     """Refine one predicted cluster ``(M, n, 3)`` (rigid poses recovered by Kabsch on each copy's body)."""
-    t = np.asarray(cluster["body"]) if "body" in cluster else np.broadcast_to(cluster["template"], pred.shape)
+    t = cluster.body
     c = pred.mean(1)
     R = np.stack([kabsch_np(b, x)[0] for b, x in zip(t, pred)])
-    res = refine_cluster(cluster["species"], t, c, R, cfg)
+    res = refine_cluster(cluster.species, t, c, R, cfg)
     return np.einsum("mij,mnj->mni", res.R, t) + res.c[:, None]
 
 

@@ -487,7 +487,7 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
         true: ``(M, n, 3)`` true packed positions.
         species: ``(n,)`` atomic numbers of one molecule.
         perms: ``(G, n)`` automorphisms of the molecule, or ``(M, G, n)`` per copy (mirror images, Z' > 1
-            conformers: :func:`kflow_mol.shapes.copy_perms`); ``None`` computes them from ``true[0]``.
+            conformers: :meth:`kflow_mol.prepared.PreparedCluster.copy_perms`); ``None`` computes them from ``true[0]``.
 
     Returns:
         dict with the published ``pm_atom, pm_center, collision, separation`` and ours

@@ -47,10 +47,10 @@ from .io import (
 )
 from .limits import CifLimits
 from .metrics import evaluate_cluster, intermolecular_clashes, oracle_floors
+from .prepared import PreparedCluster
 from .refine import RefineConfig
 from .render import figure_text, render_clusters
 from .rigid import NUM_NODE_FEATURES
-from .shapes import copy_perms
 from .task import AssemblyTask, Collator, make_batch
 
 __all__ = [
@@ -173,15 +173,15 @@ class ClusterData:
     """A prepared dataset (``dataset.load_prepared``) and the summary of the inputs it rejected."""
 
     name: str
-    clusters: list[dict]
+    clusters: list[PreparedCluster]
     kind: str | None  # "cif" when the loose states are drawn from crystals (training may redraw them)
     rejected: dict  # dataset.rejection_summary: count, by_reason, items
 
-    def split(self, seed) -> dict[str, list[dict]]:
+    def split(self, seed) -> dict[str, list[PreparedCluster]]:
         """The seeded 80/10/10 ``train``/``val``/``test`` split (``dataset.split_indices``)."""
         return {k: [self.clusters[i] for i in idx] for k, idx in split_indices(len(self.clusters), seed).items()}
 
-    def select(self, split: str, seed, limit: int = 0) -> list[dict]:
+    def select(self, split: str, seed, limit: int = 0) -> list[PreparedCluster]:
         """The clusters of one split (``train``/``val``/``test``, or ``all``), the first ``limit`` (0 = all)."""
         clusters = self.clusters if split == "all" else self.split(seed)[split]
         return clusters[: limit or None]
@@ -221,7 +221,8 @@ def train(cfg, resume: bool = False, log: Log = _stderr) -> TrainResult:
     model, task, noise = build_components(cfg)
     data = load_data(cfg.data.name, cfg.data.root, noise, cfg.data.split_seed, log, cfg.data.get("min_packing"))
     split = data.split(cfg.data.split_seed)
-    train_set, test = split["train"], split["test"]
+    # train_limit: the first N of the seeded train split, a random subset (data-scaling curves); 0 = all
+    train_set, test = split["train"][: max(int(cfg.data.get("train_limit") or 0), 0) or None], split["test"]
     val = split["val"][: max(cfg.eval_clusters, 0) or None]
     resample = bool(cfg.data.resample_loose) and data.kind == "cif"
     log(f"data {cfg.data.name}: {len(data.clusters)} clusters ({data.rejected['count']} inputs rejected), "
@@ -247,7 +248,7 @@ def train(cfg, resume: bool = False, log: Log = _stderr) -> TrainResult:
         return TrainResult(run, None, None, trainer.step)
     ema = trainer.ema_model
     info = {"data": cfg.data.name, "train_clusters": len(train_set), "steps": trainer.step,
-            "train_ids": [c["id"] for c in train_set]}
+            "train_ids": [c.id for c in train_set]}
     export_model(run / "model.pt", ema, to_container(cfg), info)
     res = None
     if test:
@@ -378,29 +379,29 @@ def assemble(inp: ClusterInput, loaded: LoadedModel, out: str | Path, solver: So
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(record, loaded.noise, seed=seed)  # draws a missing loose state as inspect and the datasets do
     if inp.reference is Reference.LOOSE_ONLY:
-        prep["initial"] = np.asarray(record.initial)
+        prep = prep.replace(initial=np.asarray(record.initial))
     batch = make_batch([prep]).to(device)
     solver = solver or solver_config(loaded.cfg)
     res = loaded.task.sample(loaded.model, batch, solver, return_trajectory=True)
-    n = len(prep["species"])
+    n = len(prep.species)
     pos = res.positions[0, :, :n].double().cpu().numpy()
     traj = res.trajectory[:, 0, :, :n].double().cpu().numpy()  # (steps + 1, 17, n, 3)
-    species = prep["species"]
+    species = prep.species
     write_xyz(out / "assembled.extxyz", species, pos, comment=f"kflow-mol assembled {record.id}")
     write_cluster_cif(out / "assembled.cif", species, pos, name=f"{record.id}_assembled_cluster")
     write_xyz(out / "trajectory.extxyz", species, traj, comment="k-trajectory")
-    write_xyz(out / "loose.extxyz", species, prep["initial"], comment="loose input")
+    write_xyz(out / "loose.extxyz", species, prep.initial, comment="loose input")
     metrics = {"id": record.id, "input": inp.source, "checkpoint": str(loaded.path),
                "model_trained_on": loaded.info.get("data"), "steps": solver.steps, "model_calls": res.evaluations,
                "seconds": res.seconds,
                "reference_known": known, "clashes": intermolecular_clashes(pos, species)}
-    panels = {"loose": prep["initial"], "assembled": pos}
+    panels = {"loose": prep.initial, "assembled": pos}
     if known:
-        metrics["model"] = evaluate_cluster(pos, prep["final"], species, copy_perms(prep))
-        metrics["floors"] = oracle_floors(prep["initial"], prep["final"], species, copy_perms(prep),
+        metrics["model"] = evaluate_cluster(pos, prep.final, species, prep.copy_perms())
+        metrics["floors"] = oracle_floors(prep.initial, prep.final, species, prep.copy_perms(),
                                           float(loaded.noise.expansion_mean))
-        metrics["reference_clashes"] = intermolecular_clashes(prep["final"], species)
-        panels["reference"] = prep["final"]
+        metrics["reference_clashes"] = intermolecular_clashes(prep.final, species)
+        panels["reference"] = prep.final
     metrics["verdict"] = verdict(metrics.get("model", {}), metrics.get("floors", {}), metrics["clashes"])
     if refine:
         ref = refine_positions(pos, prep, RefineConfig())
@@ -408,9 +409,9 @@ def assemble(inp: ClusterInput, loaded: LoadedModel, out: str | Path, solver: So
         write_cluster_cif(out / "refined.cif", species, ref, name=f"{record.id}_refined_cluster")
         metrics["refined"] = {"clashes": intermolecular_clashes(ref, species)}
         if known:
-            metrics["refined"]["model"] = evaluate_cluster(ref, prep["final"], species, copy_perms(prep))
+            metrics["refined"]["model"] = evaluate_cluster(ref, prep.final, species, prep.copy_perms())
         panels["refined"] = ref
-    shown = {"loose": intermolecular_clashes(prep["initial"], species), "assembled": metrics["clashes"]}
+    shown = {"loose": intermolecular_clashes(prep.initial, species), "assembled": metrics["clashes"]}
     shown.update({"reference": metrics["reference_clashes"]} if known else {})
     shown.update({"refined": metrics["refined"]["clashes"]} if "refined" in metrics else {})
     pm = {"loose": metrics["floors"]["do_nothing"], "assembled": metrics["model"],
@@ -459,24 +460,24 @@ def inspect(inp: ClusterInput, noise, png: str | Path | None = None, seed: int =
     record, known = inp.record, inp.known
     png = Path(png or f"{record.id}_cluster.png")
     prep = prepare(record, noise, seed=seed)
-    x = prep["final"]
+    x = prep.final
     c = x.mean(1)
     info = {"id": record.id, "molecules": int(x.shape[0]), "atoms_per_molecule": int(x.shape[1]),
             "formula": "".join(f"{s}{record.symbols.count(s)}" for s in sorted(set(record.symbols))),
             "cluster_radius_A": float(np.linalg.norm(c - c[0], axis=1).max()),
-            "symmetry_order": len(prep["perms"]), "rigid_shapes": len(prep["templates"])}
+            "symmetry_order": len(prep.perms), "rigid_shapes": len(prep.templates)}
     fl = None
     if known:
-        fl = oracle_floors(prep["initial"], prep["final"], prep["species"], copy_perms(prep),
+        fl = oracle_floors(prep.initial, prep.final, prep.species, prep.copy_perms(),
                            float(noise.expansion_mean))
         info["do_nothing_pm_atom"] = fl["do_nothing"]["pm_atom"]
         info["do_nothing_pm_center"] = fl["do_nothing"]["pm_center"]
         info["undo_mean_expansion_pm_center"] = fl["undo_mean_expansion"]["pm_center"]
     subtitle, notes = figure_text(
-        {"loose": intermolecular_clashes(prep["initial"], prep["species"]),
-         "packed": intermolecular_clashes(prep["final"], prep["species"])},
+        {"loose": intermolecular_clashes(prep.initial, prep.species),
+         "packed": intermolecular_clashes(prep.final, prep.species)},
         {"loose": fl["do_nothing"]} if known else None, fl)
-    render_clusters({"loose": prep["initial"], "packed": prep["final"]}, prep["species"], png, title=record.id,
+    render_clusters({"loose": prep.initial, "packed": prep.final}, prep.species, png, title=record.id,
                     subtitle=subtitle, notes=notes)
     info["picture"] = str(png)
     return info

@@ -21,7 +21,7 @@ from .frames import body_coordinates
 from .so3 import kabsch_np
 from .symmetry import automorphisms
 
-__all__ = ["SHAPE_TOL", "Shapes", "copy_perms", "find_shapes", "shape_symmetries"]
+__all__ = ["SHAPE_TOL", "Shapes", "find_shapes", "shape_symmetries"]
 
 # Å RMSD under which two copies share a shape (an encoding and an automorphism group). Builder clusters are
 # exact images (~1e-12 Å); 0.01 Å only merges copies whose differences no network feature can resolve.
@@ -112,11 +112,3 @@ def shape_symmetries(species, templates: np.ndarray) -> tuple[np.ndarray, np.nda
         g = int(p.shape[0])
         perms[k, :g], rots[k, :g], orders[k] = p.numpy(), r.numpy(), g
     return perms, rots, orders
-
-
-def copy_perms(cluster: dict) -> np.ndarray:
-    """Automorphisms of every copy of a prepared cluster, ``(M, G, n)`` (the shared ``(G, n)`` of an older
-    prepared cluster that has no per-shape data)."""
-    if "shape_perms" in cluster:
-        return np.asarray(cluster["shape_perms"])[np.asarray(cluster["copy_shape"])]
-    return np.asarray(cluster["perms"])

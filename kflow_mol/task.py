@@ -16,6 +16,7 @@ from . import so3
 from .batch import ClusterBatch, RigidState, collate
 from .frames import inertial_frame
 from .noise import LooseConfig, make_loose
+from .prepared import PreparedCluster
 from .rigid import RigidKPath, closest_equivalent_rotation
 
 
@@ -53,47 +54,29 @@ class AssemblyBatch:
         return AssemblyBatch(**out)
 
 
-def make_batch(items: list[dict], initial: list[np.ndarray] | None = None, dtype=torch.float32) -> AssemblyBatch:
-    """Collate prepared clusters (see :func:`kflow_mol.dataset.prepare`); ``initial`` overrides loose states."""
-    cb = collate([_shape_item(it) for it in items], dtype=dtype)
-    initial = initial if initial is not None else [it["initial"] for it in items]
+def make_batch(items: list[PreparedCluster], initial: list[np.ndarray] | None = None,
+               dtype=torch.float32) -> AssemblyBatch:
+    """Collate prepared clusters; ``initial`` overrides their loose states."""
+    cb = collate([(it.species, it.templates, it.copy_shape, it.body) for it in items], dtype=dtype)
+    initial = initial if initial is not None else [it.initial for it in items]
     M = cb.num_mols
-    syms = [_copy_symmetries(it, M) for it in items]  # (M, G_b, 3, 3) and real-group mask (M, G_b) each
+    syms = [it.copy_symmetries() for it in items]  # (M, G_b, 3, 3) and real-group mask (M, G_b) each
     g = max(s.shape[1] for s, _ in syms)
     sym = torch.eye(3, dtype=torch.float64).repeat(len(items), M, g, 1, 1)
     mask = torch.zeros(len(items), M, g, dtype=torch.bool)
     c0, R0, gyr = [], [], []
     for b, (it, ini) in enumerate(zip(items, initial)):
-        sym[b, :, :syms[b][0].shape[1]] = syms[b][0]
-        mask[b, :, :syms[b][1].shape[1]] = syms[b][1]
+        sym[b, :, :syms[b][0].shape[1]] = torch.from_numpy(syms[b][0])
+        mask[b, :, :syms[b][1].shape[1]] = torch.from_numpy(syms[b][1])
         ini = torch.from_numpy(np.asarray(ini, dtype=np.float64))
-        body = it["body"] if "body" in it else np.broadcast_to(it["template"], ini.shape)  # each copy's own
-        t = torch.from_numpy(np.ascontiguousarray(body, dtype=np.float64))
+        t = torch.from_numpy(np.ascontiguousarray(it.body, dtype=np.float64))  # each copy's own body
         c0.append(ini.mean(1))
         R0.append(so3.kabsch(t, ini))
         gyr.append(torch.einsum("mna,mnb->mab", t, t) / t.shape[1])
     gyr = torch.stack(gyr)
-    stack = lambda key: torch.from_numpy(np.stack([it[key] for it in items]))  # noqa: E731
+    stack = lambda key: torch.from_numpy(np.stack([getattr(it, key) for it in items]))  # noqa: E731
     return AssemblyBatch(cb, torch.stack(c0).to(dtype), torch.stack(R0).to(dtype), stack("c1").to(dtype),
-                         stack("R1").to(dtype), sym.to(dtype), mask, gyr.to(dtype), [it["id"] for it in items])
-
-
-def _shape_item(it: dict) -> tuple:
-    """``collate`` input of a prepared cluster: its shapes and each copy's body (one template if older)."""
-    if "templates" in it:
-        return it["species"], it["templates"], it["copy_shape"], it["body"]
-    return it["species"], it["template"]
-
-
-def _copy_symmetries(it: dict, M: int) -> tuple[Tensor, Tensor]:
-    """Body-frame symmetry rotations of every copy's shape ``(M, G, 3, 3)`` and the real-element mask."""
-    if "shape_symmetries" in it:
-        cs = np.asarray(it["copy_shape"])
-        rots = torch.from_numpy(np.asarray(it["shape_symmetries"])[cs])
-        orders = torch.from_numpy(np.asarray(it["shape_orders"])[cs])
-        return rots, torch.arange(rots.shape[1])[None] < orders[:, None]
-    rots = torch.from_numpy(np.asarray(it["symmetries"]))
-    return rots[None].expand(M, -1, -1, -1), torch.ones(M, rots.shape[0], dtype=torch.bool)
+                         stack("R1").to(dtype), sym.to(dtype), mask, gyr.to(dtype), [it.id for it in items])
 
 
 class Collator:
@@ -105,12 +88,12 @@ class Collator:
     def __init__(self, resample_loose: bool = True, noise_cfg=None):
         self.resample_loose, self.noise_cfg = resample_loose, noise_cfg
 
-    def __call__(self, items: list[dict]) -> AssemblyBatch:
+    def __call__(self, items: list[PreparedCluster]) -> AssemblyBatch:
         initial = None
         if self.resample_loose:
             seed = int(torch.randint(0, 2**62, (1,)).item())
             rng = np.random.default_rng(seed)
-            initial = [make_loose(it["final"], rng, self.noise_cfg or LooseConfig()) for it in items]
+            initial = [make_loose(it.final, rng, self.noise_cfg or LooseConfig()) for it in items]
         return make_batch(items, initial)
 
 

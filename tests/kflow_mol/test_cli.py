@@ -32,6 +32,18 @@ def test_train_writes_run_directory(trained):
     assert res["model"]["pm_atom"] > 0 and res["do_nothing"]["pm_atom"] > 0
 
 
+
+def test_train_limit_trains_on_the_first_clusters_of_the_split(trained, small, tmp_path):
+    """data.train_limit=N (data-scaling curves): the first N clusters of the same seeded train split."""
+    from kflow_mol.pipeline import load_model
+
+    rc = main(["train", "--data", str(small), "--run-dir", str(tmp_path), "trainer=smoke", "model=mol_tiny",
+               "solver.steps=3", "trainer.steps=2", "data.train_limit=1"])
+    assert rc == 0
+    full, part = load_model(trained / "model.pt").info, load_model(tmp_path / "model.pt").info
+    assert full["train_clusters"] == 2 and part["train_clusters"] == 1
+    assert part["train_ids"] == full["train_ids"][:1]
+
 def test_resume_continues_to_more_steps(trained, small):
     rc = main(["train", "--data", str(small), "--run-dir", str(trained), "trainer=smoke", "model=mol_tiny",
                "solver.steps=3", "trainer.steps=6", "--resume"])
@@ -224,6 +236,21 @@ def test_internal_failure_propagates_for_exit_code_1():
     with pytest.raises(KeyError):
         run_command(bug, None, [])
     assert run_command(lambda a, e: (_ for _ in ()).throw(InputError("bad")), None, []) == 2
+
+
+def test_closed_output_pipe_exits_quietly():
+    """`kflow-mol inspect x.cif | head`: the reader closing stdout is exit 141 with nothing on stderr."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kflow.cli import run_command\n"
+            "def fn(a, e):\n    print('x' * 1000000); return 0\n"
+            "sys.exit(run_command(fn, None, []))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and "Traceback" not in err, err
 
 
 def test_argument_errors_and_help_answer_before_heavy_imports(tmp_path):

@@ -15,7 +15,6 @@ from kflow_mol.cli import main
 from kflow_mol.dataset import load_prepared
 from kflow_mol.metrics import evaluate_cluster, oracle_floors
 from kflow_mol.rigid import closest_equivalent_rotation
-from kflow_mol.shapes import copy_perms
 from kflow_mol.symmetry import closest_equivalent
 from kflow_mol.task import make_batch
 
@@ -33,10 +32,10 @@ def symmetry_blind_oracle_positions(prep: dict) -> np.ndarray:
 def symmetry_residual(prep: dict) -> float:
     """Largest atom displacement (Å) of any shape's symmetry rotation from its atom permutation, plus how far
     the copies' bodies are from their shape's template (automorphisms of real conformers are approximate)."""
-    t = np.asarray(prep["templates"])
+    t = np.asarray(prep.templates)
     res = max(float(np.linalg.norm(np.einsum("gij,nj->gni", S, tk) - tk[P], axis=-1).max())
-              for tk, S, P in zip(t, prep["shape_symmetries"], prep["shape_perms"]))
-    return res + 2 * float(np.abs(np.asarray(prep["body"]) - t[prep["copy_shape"]]).max())
+              for tk, S, P in zip(t, prep.shape_symmetries, prep.shape_perms))
+    return res + 2 * float(np.abs(np.asarray(prep.body) - t[prep.copy_shape]).max())
 
 
 def assert_oracle_exact(prep: dict, tol: float = 1e-6) -> None:
@@ -45,15 +44,15 @@ def assert_oracle_exact(prep: dict, tol: float = 1e-6) -> None:
     trained towards (each copy's body at ``R1 S_g``) is as exact as the molecule's symmetry is."""
     b = make_batch([prep], dtype=torch.float64)
     placed = b.clusters.positions_padded(b.c1, b.R1)[0].numpy()
-    assert np.abs(placed - prep["final"]).max() < tol, prep["id"]
-    perms = copy_perms(prep)
-    blind, _ = closest_equivalent(torch.from_numpy(prep["final"]), torch.from_numpy(prep["initial"]),
+    assert np.abs(placed - prep.final).max() < tol, prep.id
+    perms = prep.copy_perms()
+    blind, _ = closest_equivalent(torch.from_numpy(prep.final), torch.from_numpy(prep.initial),
                                   torch.from_numpy(perms))
-    m = evaluate_cluster(blind.numpy(), prep["final"], prep["species"], perms)
-    assert m["pm_atom_symmetry_aware"] < tol and m["pm_center"] < tol, (prep["id"], m["pm_atom_symmetry_aware"])
-    rigid = evaluate_cluster(symmetry_blind_oracle_positions(prep), prep["final"], prep["species"], perms)
+    m = evaluate_cluster(blind.numpy(), prep.final, prep.species, perms)
+    assert m["pm_atom_symmetry_aware"] < tol and m["pm_center"] < tol, (prep.id, m["pm_atom_symmetry_aware"])
+    rigid = evaluate_cluster(symmetry_blind_oracle_positions(prep), prep.final, prep.species, perms)
     bound = 2 * symmetry_residual(prep) + tol  # each distance moves by at most twice the largest atom residual
-    assert rigid["pm_atom_symmetry_aware"] <= bound, (prep["id"], rigid["pm_atom_symmetry_aware"], bound)
+    assert rigid["pm_atom_symmetry_aware"] <= bound, (prep.id, rigid["pm_atom_symmetry_aware"], bound)
 
 
 @pytest.fixture(scope="module")
@@ -72,24 +71,25 @@ def test_official_files_with_mirror_and_conformer_copies(official, tmp_path):
     assert (official / "raw" / "FinalPositions" / "racemic_p-1_cluster16.csv").exists()
     clusters, report = load_prepared(str(official), cache_dir=tmp_path / "cache", progress=False)
     assert report["accepted"] == 4 and not report["rejected"]
-    by_id = {c["id"]: c for c in clusters}
+    by_id = {c.id: c for c in clusters}
     rac, conf = by_id["racemic_p-1"], by_id["multiple_conformers_p1"]
-    assert len(rac["templates"]) == 2 and rac["mirror_of"].tolist() == [-1, 0]
-    assert len(conf["templates"]) == 2 and conf["mirror_of"].tolist() == [-1, -1]
-    assert len(by_id["ok_methanol_p21c"]["templates"]) == 1
+    assert len(rac.templates) == 2 and rac.mirror_of.tolist() == [-1, 0]
+    assert len(conf.templates) == 2 and conf.mirror_of.tolist() == [-1, -1]
+    assert len(by_id["ok_methanol_p21c"].templates) == 1
     for c in clusters:
         assert_oracle_exact(c, tol=1e-9)
-        rigid = evaluate_cluster(symmetry_blind_oracle_positions(c), c["final"], c["species"], copy_perms(c))
-        assert rigid["pm_atom_symmetry_aware"] < 1e-6, c["id"]
-        fl = oracle_floors(c["initial"], c["final"], c["species"], copy_perms(c))
+        rigid = evaluate_cluster(symmetry_blind_oracle_positions(c), c.final, c.species, c.copy_perms())
+        assert rigid["pm_atom_symmetry_aware"] < 1e-6, c.id
+        fl = oracle_floors(c.initial, c.final, c.species, c.copy_perms())
         assert fl["symmetry_blind_oracle"]["pm_atom_symmetry_aware"] < 1e-9
     # one shared template (the old representation) misses the mirror copies: the test can fail
-    one = dict(rac)
-    for k in ("templates", "copy_shape", "body", "shape_perms", "shape_symmetries", "shape_orders"):
-        one.pop(k)
+    M = len(rac.copy_shape)
+    one = rac.replace(templates=rac.templates[:1], copy_shape=np.zeros(M, dtype=np.int64),
+                      body=np.broadcast_to(rac.template, rac.body.shape).copy(), shape_perms=rac.shape_perms[:1],
+                      shape_symmetries=rac.shape_symmetries[:1], shape_orders=rac.shape_orders[:1])
     b = make_batch([one], dtype=torch.float64)
     placed = b.clusters.positions_padded(b.c1, b.R1)[0].numpy()
-    assert np.abs(placed - rac["final"]).max() > 0.1
+    assert np.abs(placed - rac.final).max() > 0.1
 
 
 def test_train_and_evaluate_on_official_files(official, tmp_path, capsys):
@@ -123,7 +123,7 @@ def test_assemble_real_racemic_and_z2(shared_dir, tmp_path, capsys, rel, fact):
     rec = cluster_from_cif(path)
     assert rec.meta[fact]
     prep = prepare(rec)
-    assert len(prep["templates"]) >= 2
+    assert len(prep.templates) >= 2
     assert_oracle_exact(prep)
     out = tmp_path / "out"
     assert main(["assemble", str(path), "--out", str(out), "--steps", "3"]) == 0

@@ -12,7 +12,7 @@ from kflow_mol.data import ClusterRecord
 from kflow_mol.dataset import prepare
 from kflow_mol.metrics import evaluate_cluster, oracle_floors, pm_atom_symmetry_aware
 from kflow_mol.model import AssemblyNet
-from kflow_mol.shapes import copy_perms, find_shapes
+from kflow_mol.shapes import find_shapes
 from kflow_mol.symmetry import closest_equivalent
 
 M = 17
@@ -151,13 +151,13 @@ def test_prepared_mixed_cluster_is_exact(mixed):
     final = _cluster(t, conf, cs, seed=7)
     rec = ClusterRecord("mixed", species, final)
     prep = prepare(rec)
-    assert len(prep["templates"]) == 2 and np.array_equal(prep["copy_shape"], cs)
+    assert len(prep.templates) == 2 and np.array_equal(prep.copy_shape, cs)
     batch = make_batch([prep], dtype=torch.float64)
     pos = batch.clusters.positions_padded(batch.c1, batch.R1)[0].numpy()
     assert np.abs(pos - final).max() < 1e-9
     pos0 = batch.clusters.positions_padded(batch.c0, batch.R0)[0].numpy()
-    assert np.abs(pos0 - prep["initial"]).max() < 1e-9
-    fl = oracle_floors(prep["initial"], final, species, copy_perms(prep))
+    assert np.abs(pos0 - prep.initial).max() < 1e-9
+    fl = oracle_floors(prep.initial, final, species, prep.copy_perms())
     assert fl["symmetry_blind_oracle"]["pm_atom_symmetry_aware"] < 1e-9
 
 
@@ -188,3 +188,27 @@ def test_symmetry_aware_pm_per_copy_groups():
     val, _, _ = pm_atom_symmetry_aware(pred, x, perms)
     assert val < 1e-9
     assert evaluate_cluster(pred, x, np.full(6, 6), perms)["symmetry_order"] == 6
+
+
+def test_prepared_cluster_round_trips_through_the_cache_format(mixed, tmp_path):
+    """PreparedCluster -> plain tensors -> file (loaded with weights_only) -> the same cluster; the central
+    copy's group and every copy's group are read off the per-shape arrays."""
+    from kflow.utils import atomic_save
+    from kflow_mol.prepared import PreparedCluster
+
+    species, t, _, conf, cs = mixed
+    prep = prepare(ClusterRecord("mixed", species, _cluster(t, conf, cs, seed=7)))
+    path = tmp_path / "c.pt"
+    atomic_save({"clusters": [prep.to_tensors()]}, path)
+    back = PreparedCluster.from_tensors(torch.load(path, weights_only=True)["clusters"][0])
+    for f in ("species", "final", "initial", "R1", "c1", "templates", "copy_shape", "body", "shape_perms",
+              "shape_symmetries", "shape_orders", "mirror_of"):
+        assert np.array_equal(getattr(back, f), getattr(prep, f)), f
+    assert back.id == "mixed" and back.num_atoms == len(species)
+    g0 = int(prep.shape_orders[0])
+    assert back.perms.shape == (g0, len(species)) and back.symmetries.shape == (g0, 3, 3)
+    rots, mask = back.copy_symmetries()
+    assert rots.shape[:2] == mask.shape == back.copy_perms().shape[:2] == (len(cs), prep.shape_perms.shape[1])
+    assert np.array_equal(mask.sum(1), prep.shape_orders[cs])
+    moved = back.replace(initial=back.initial + 1.0)
+    assert np.allclose(moved.initial, prep.initial + 1.0) and np.array_equal(back.initial, prep.initial)

@@ -53,18 +53,18 @@ def test_oracle_assembles_exactly_and_symmetry_aware_pm_is_zero(clusters, window
     assert torch.allclose(res.c, c_true, atol=1e-8)
     R_true = task.targets(batch)
     assert torch.allclose(res.R, R_true, atol=1e-6)
-    preds = [res.positions[b, :, :len(c["species"])].numpy() for b, c in enumerate(clusters)]
+    preds = [res.positions[b, :, :len(c.species)].numpy() for b, c in enumerate(clusters)]
     from kflow_mol.metrics import evaluate_cluster, oracle_floors
 
     for p, c in zip(preds, clusters):
-        m = evaluate_cluster(p, c["final"], c["species"], c["perms"])
-        floor = oracle_floors(c["initial"], c["final"], c["species"], c["perms"])["symmetry_blind_oracle"]
+        m = evaluate_cluster(p, c.final, c.species, c.perms)
+        floor = oracle_floors(c.initial, c.final, c.species, c.perms)["symmetry_blind_oracle"]
         # crystal copies are rigid images only up to the CIF's precision, and symmetries are accepted within a
         # tolerance: the oracle is off by at most those residuals per atom, so PM (a distance RMS) by twice that
-        t = c["template"]
-        rigid = np.einsum("mij,nj->mni", c["R1"], t) + c["c1"][:, None]
-        sym = max(np.linalg.norm(t @ S.T - t[P], axis=-1).max() for S, P in zip(c["symmetries"], c["perms"]))
-        slack = 2 * (np.linalg.norm(rigid - c["final"], axis=-1).max() + sym) + 1e-6
+        t = c.template
+        rigid = np.einsum("mij,nj->mni", c.R1, t) + c.c1[:, None]
+        sym = max(np.linalg.norm(t @ S.T - t[P], axis=-1).max() for S, P in zip(c.symmetries, c.perms))
+        slack = 2 * (np.linalg.norm(rigid - c.final, axis=-1).max() + sym) + 1e-6
         assert slack < 0.5
         assert m["pm_atom_symmetry_aware"] < slack
         assert m["pm_atom"] == pytest.approx(floor["pm_atom"], abs=slack)
@@ -290,5 +290,5 @@ def test_load_prepared_min_packing_rejects_loose_cells(tmp_path):
     plain, rep0 = load_prepared(str(src), cache_dir=tmp_path / "c0", progress=False)
     assert rep0["accepted"] == 2 and not rep0["rejected"]
     kept, rep = load_prepared(str(src), cache_dir=tmp_path / "c1", progress=False, min_packing=0.5)
-    assert [c["id"] for c in kept] == ["2000334"]
+    assert [c.id for c in kept] == ["2000334"]
     assert [(r["id"], r["reason"]) for r in rep["rejected"]] == [("2001925", "loose_packing")]
