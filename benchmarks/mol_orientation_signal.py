@@ -10,6 +10,11 @@ Two measurements on a prepared dataset (no model):
 * **The Voronoi cell.** For the central copy, penalise atoms that cross the mid-plane to any other centroid
   (``x_a . u_j + 0.8 r_vdW(a) > d_j / 2``): where the truth ranks among random orientations, and the angle to
   the truth (closest symmetry-equivalent) of the best of the random orientations.
+* **Near-symmetries**: the point-group order of each cluster's central shape at automorphism tolerances of
+  0.1 (the library's) to 1.0 Å RMSD: would a looser notion of "the same pose" make the targets less ambiguous?
+* **The lattice-frame floor** (``--floor-split``): the true centroids with every molecule on the principal-axes
+  frame of the loose centroids, the rotational start of ``lattice_start: true``. The rotation median of a model
+  that samples from that start and turns nothing: compare a model's test ``rot_median_deg`` with it.
 
     python benchmarks/mol_orientation_signal.py --data runs/bench_mol/cifs --json benchmarks/results/orientation/signal.json
 """
@@ -22,7 +27,7 @@ import json
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from kflow_mol.dataset import load_prepared
+from kflow_mol.dataset import load_prepared, split_indices
 from kflow_mol.molecule import vdw_radii
 
 
@@ -77,17 +82,49 @@ def voronoi(clusters, n_rot: int, seed: int) -> dict:
             "best_fit_under_30deg": round(float((e < 30).mean()), 3)}
 
 
+def near_symmetry(clusters, tols=(0.1, 0.25, 0.5, 1.0)) -> dict:
+    from kflow_mol.symmetry import automorphisms
+
+    out = {}
+    for tol in tols:
+        orders = [int(automorphisms(c.species, c.template, tol=tol)[0].shape[0]) for c in clusters]
+        out[str(tol)] = {str(g): orders.count(g) for g in sorted(set(orders))}
+    return {"clusters": len(clusters), "orders_by_tolerance": out}
+
+
+def lattice_floor(clusters) -> dict:
+    import torch
+
+    from kflow_mol.frames import inertial_frame
+    from kflow_mol.metrics import rotation_errors
+    from kflow_mol.task import make_batch
+
+    med = []
+    for c in clusters:
+        F = inertial_frame(make_batch([c], dtype=torch.float64).c0)[0][0].numpy()
+        pos = np.einsum("ij,mnj->mni", F, c.body) + c.c1[:, None]
+        med.append(float(np.median(rotation_errors(pos, c.final, c.copy_perms()))))
+    return {"clusters": len(clusters), "rot_median_deg_mean": round(float(np.mean(med)), 2),
+            "per_cluster": [round(m, 1) for m in med]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="cod17-mini", help="dataset name or folder (as for kflow-mol train)")
     ap.add_argument("--voronoi-clusters", type=int, default=80, help="clusters for the Voronoi fit (slow part)")
     ap.add_argument("--rotations", type=int, default=4000, help="random orientations searched per molecule")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--floor-split", default="test", choices=["train", "val", "test", "all"],
+                    help="split (seeded 80/10/10, seed 0) of the lattice-frame floor")
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args()
     clusters, _ = load_prepared(args.data, progress=False)
     out = {"data": args.data, "axes": [axes_table(clusters, p) for p in (2.0, 4.0, 8.0)],
            "voronoi": voronoi(clusters[: args.voronoi_clusters], args.rotations, args.seed)}
+    out["near_symmetry"] = near_symmetry(clusters[:120])
+    picked = clusters if args.floor_split == "all" else \
+        [clusters[i] for i in split_indices(len(clusters), 0)[args.floor_split]]
+    out["lattice_floor"] = {"split": args.floor_split, **lattice_floor(picked)}
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
