@@ -97,11 +97,10 @@ def lattice_floor(clusters) -> dict:
 
     from kflow_mol.frames import inertial_frame
     from kflow_mol.metrics import rotation_errors
-    from kflow_mol.task import make_batch
 
     med = []
-    for c in clusters:
-        F = inertial_frame(make_batch([c], dtype=torch.float64).c0)[0][0].numpy()
+    for c in clusters:  # the task's lattice start: the frame of the loose centroids
+        F = inertial_frame(torch.from_numpy(c.initial.mean(1))[None])[0][0].numpy()
         pos = np.einsum("ij,mnj->mni", F, c.body) + c.c1[:, None]
         med.append(float(np.median(rotation_errors(pos, c.final, c.copy_perms()))))
     return {"clusters": len(clusters), "rot_median_deg_mean": round(float(np.mean(med)), 2),

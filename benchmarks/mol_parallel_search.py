@@ -75,7 +75,7 @@ def main() -> None:
         if args.sigma:
             c = c + args.sigma * torch.randn(c.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(int(i)))
         e_best, g = search(cl.species, cl.templates[0], c, args.candidates)
-        R1, S = cl.R1, cl.shape_symmetries[0][: cl.shape_orders[0]]
+        R1, S = cl.R1, cl.symmetries
         err = np.array([min(_angle(g @ s, R1[j]) for s in S) for j in range(len(R1))])
         same = np.array([[min(_angle(R1[a] @ s, R1[b]) for s in S) for b in range(len(R1))] for a in range(len(R1))])
         major = int((same < 5).sum(1).argmax())

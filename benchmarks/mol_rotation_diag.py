@@ -66,7 +66,7 @@ def sample_centroids_forced(model, task, clusters, solver) -> dict:
     for i in range(0, len(clusters), 8):
         items = clusters[i:i + 8]
         pos = task.sample(model, make_batch(items), solver, on_step=force).positions.double().numpy()
-        rows += [evaluate_cluster(pos[b, :, :len(it.species)], it.final, it.species, it.copy_perms())
+        rows += [evaluate_cluster(pos[b, :, :it.num_atoms], it.final, it.species, it.copy_perms())
                  for b, it in enumerate(items)]
     return summarize(rows)
 

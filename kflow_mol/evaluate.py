@@ -42,7 +42,7 @@ def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[Prepar
         seconds += time.perf_counter() - t0
         pos = res.positions.double().cpu().numpy()
         for b, it in enumerate(items):
-            outs.append(pos[b, :, :len(it.species)])
+            outs.append(pos[b, :, :it.num_atoms])
     return outs, seconds
 
 

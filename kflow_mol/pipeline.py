@@ -222,7 +222,8 @@ def train(cfg, resume: bool = False, log: Log = _stderr) -> TrainResult:
     data = load_data(cfg.data.name, cfg.data.root, noise, cfg.data.split_seed, log, cfg.data.get("min_packing"))
     split = data.split(cfg.data.split_seed)
     # train_limit: the first N of the seeded train split, a random subset (data-scaling curves); 0 = all
-    train_set, test = split["train"][: max(int(cfg.data.get("train_limit") or 0), 0) or None], split["test"]
+    train_set = data.select("train", cfg.data.split_seed, max(int(cfg.data.get("train_limit") or 0), 0))
+    test = split["test"]
     val = split["val"][: max(cfg.eval_clusters, 0) or None]
     resample = bool(cfg.data.resample_loose) and data.kind == "cif"
     log(f"data {cfg.data.name}: {len(data.clusters)} clusters ({data.rejected['count']} inputs rejected), "
@@ -383,7 +384,7 @@ def assemble(inp: ClusterInput, loaded: LoadedModel, out: str | Path, solver: So
     batch = make_batch([prep]).to(device)
     solver = solver or solver_config(loaded.cfg)
     res = loaded.task.sample(loaded.model, batch, solver, return_trajectory=True)
-    n = len(prep.species)
+    n = prep.num_atoms
     pos = res.positions[0, :, :n].double().cpu().numpy()
     traj = res.trajectory[:, 0, :, :n].double().cpu().numpy()  # (steps + 1, 17, n, 3)
     species = prep.species
