@@ -96,15 +96,13 @@ def batch1_timing(model_pt: Path, run_dir: Path, n: int = 3, steps: int = 50) ->
     import torch
 
     from kflow.solver import SolverConfig
-    from kflow_mol.dataset import load_prepared, split_indices
-    from kflow_mol.pipeline import load_model
+    from kflow_mol.pipeline import load_data, load_model
     from kflow_mol.task import make_batch
 
     cfg = json.loads((run_dir / "config.json").read_text())["run"]
     model, task, noise, *_ = load_model(model_pt)
-    clusters, _ = load_prepared(cfg["data"]["name"], cfg["data"].get("root"), noise,
-                                seed=int(cfg["data"]["split_seed"]), progress=False)
-    test = [clusters[i] for i in split_indices(len(clusters), int(cfg["data"]["split_seed"]))["test"]][:n]
+    seed = int(cfg["data"]["split_seed"])
+    test = load_data(cfg["data"]["name"], cfg["data"].get("root"), noise, seed, log=lambda _: None).select("test", seed, n)
     times = []
     with torch.no_grad():
         for c in test:

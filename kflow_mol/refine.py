@@ -80,14 +80,25 @@ class RefineResult:
     energy_after: float
 
 
-def pair_energy(pos: torch.Tensor, x: torch.Tensor, d: torch.Tensor, cutoff: float) -> torch.Tensor:
+def pair_energy(pos: torch.Tensor, x: torch.Tensor, d: torch.Tensor, cutoff: float,
+                focus: int | None = None) -> torch.Tensor:
     """UFF 12-6 energy of intermolecular pairs: ``pos (..., M, n, 3)``, ``x, d (n, n)`` -> ``(...)`` (a stack
-    of candidate clusters is scored in one call)."""
+    of candidate clusters is scored in one call).
+
+    With ``focus = i`` only the pairs between molecule ``i`` and the others count: the energy of one molecule
+    in its shell of neighbours. For the central molecule of a cluster this is a bulk-like energy, free of the
+    vacuum surface that the other 16 molecules have on one side.
+    """
     *lead, m, n, _ = pos.shape
     flat = pos.reshape(*lead, m * n, 3)
-    r = torch.cdist(flat, flat).reshape(*lead, m, n, m, n)
-    other = ~torch.eye(m, dtype=torch.bool)[:, None, :, None]
-    xx, dd = x[None, :, None, :], d[None, :, None, :]
+    if focus is None:
+        r = torch.cdist(flat, flat).reshape(*lead, m, n, m, n)
+        other = ~torch.eye(m, dtype=torch.bool)[:, None, :, None]
+        xx, dd, half = x[None, :, None, :], d[None, :, None, :], 0.5  # each pair seen twice
+    else:
+        r = torch.cdist(pos[..., focus, :, :], flat).reshape(*lead, n, m, n)
+        other = (torch.arange(m) != focus)[None, :, None]
+        xx, dd, half = x[:, None, :], d[:, None, :], 1.0
     # soft core: below 0.7 x the 12-6 curve is continued linearly in r (finite for overlapping atoms)
     r0 = 0.7 * xx
     rr = torch.maximum(r, r0)
@@ -96,7 +107,7 @@ def pair_energy(pos: torch.Tensor, x: torch.Tensor, d: torch.Tensor, cutoff: flo
     slope = dd * (-12 * (xx / r0) ** 12 + 12 * (xx / r0) ** 6) / r0
     e = torch.where(r < r0, e + slope * (r - r0), e)
     e = torch.where(other & (r < cutoff), e, torch.zeros_like(e))
-    return 0.5 * e.flatten(-4).sum(-1)
+    return half * e.flatten(-other.ndim).sum(-1)
 
 
 def refine_cluster(species: np.ndarray, template: np.ndarray, c: np.ndarray, R: np.ndarray,

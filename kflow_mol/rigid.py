@@ -102,18 +102,25 @@ class RigidKPath:
         kappa_scale: ``half`` (``kappa = lambda / 2``) or ``max`` (``lambda / lambda_max``, so the bands of
             each cluster's graph fill [0, 1]); see :class:`kflow.transforms.GraphSpectralTransform`.
         rot_source: how the sampler turns endpoint predictions into rotation steps (``fixed`` or
-            ``estimate``, see :meth:`step`); centroids always keep the given loose state as source.
+            ``estimate``, see :meth:`step`).
+        trans_source: the same for the centroids: ``fixed`` (the given loose state is the source, so the sampled
+            centroids are a band-weighted average of the endpoint predictions along ``k``) or ``estimate`` (the
+            source re-estimated from the state each step, the DDIM step: the last prediction counts most).
     """
 
     def __init__(self, schedule: BandSchedule, sigma: float | None = None, knn: int | None = None,
                  distance: str = "centroid", rotation: str = "graph", rot_window=(0.0, 1.0),
-                 kappa_scale: str = "half", rot_source: str = "fixed", trans_window=(0.0, 1.0)):
+                 kappa_scale: str = "half", rot_source: str = "fixed", trans_window=(0.0, 1.0),
+                 trans_source: str = "fixed"):
         if distance not in ("centroid", "contact"):
             raise ValueError(f"distance must be 'centroid' or 'contact', got '{distance}'")
         if rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got '{rotation}'")
         if rot_source not in ROT_SOURCES:
             raise ValueError(f"rot_source must be one of {ROT_SOURCES}, got '{rot_source}'")
+        if trans_source not in ROT_SOURCES:
+            raise ValueError(f"trans_source must be one of {ROT_SOURCES}, got '{trans_source}'")
+        self.trans_source = trans_source
         a, b = (float(x) for x in rot_window)
         ta, tb = (float(x) for x in trans_window)
         for name, (lo, hi) in (("rot_window", (a, b)), ("trans_window", (ta, tb))):
@@ -194,8 +201,8 @@ class RigidKPath:
              k: Tensor, k_next: Tensor) -> Tensor:
         """One exact-increment sampler step from ``s_k`` at ``k`` to ``k_next`` (both ``(B,)``).
 
-        Centroids: ``c += M_{k'} - M_k`` applied to ``c1_hat - c0`` (the loose centroids are the given
-        source). Rotations, ``rot_source="fixed"``: the same increment on ``Log(R1_hat R0^T)`` with the loose
+        Centroids: ``c += M_{k'} - M_k`` applied to ``c1_hat - src``, where ``src`` is the loose centroids
+        (``trans_source="fixed"``) or the source re-estimated from ``c_k`` and ``c1_hat`` (``"estimate"``). Rotations, ``rot_source="fixed"``: the same increment on ``Log(R1_hat R0^T)`` with the loose
         orientation as source (the training path through ``R0``). ``"estimate"``: the source is re-estimated
         from the state, which on the rotation clock is the geodesic step
         ``R <- Exp(a Log(R1_hat R^T)) R`` with ``a = (mu_r(k') - mu_r(k)) / (1 - mu_r(k))`` (``rotation="own"``),
@@ -206,7 +213,9 @@ class RigidKPath:
             ``(B, M, 6)`` the next state.
         """
         core = self.core(transform)
-        c_next = s_k[..., :3] + core.increment(c0, s1_hat[..., :3], self.trans_clock(k)[0], self.trans_clock(k_next)[0])
+        kc, kc_next = self.trans_clock(k)[0], self.trans_clock(k_next)[0]
+        src = c0 if self.trans_source == "fixed" else core.estimate_source(s_k[..., :3], s1_hat[..., :3], kc, c0)
+        c_next = s_k[..., :3] + core.increment(src, s1_hat[..., :3], kc, kc_next)
         om, om1 = s_k[..., 3:], s1_hat[..., 3:]
         if self.rotation == "graph":
             src = torch.zeros_like(om)

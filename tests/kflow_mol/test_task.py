@@ -40,7 +40,9 @@ class Oracle(torch.nn.Module):
 
 PATHS = [dict(), dict(rotation="own"), dict(rotation="own", rot_source="estimate", rot_window=(0.2, 0.7)),
          dict(rot_source="estimate", kappa_scale="max"),
-         dict(rotation="own", rot_source="estimate", trans_window=(0.0, 0.6), rot_window=(0.4, 1.0))]
+         dict(rotation="own", rot_source="estimate", trans_window=(0.0, 0.6), rot_window=(0.4, 1.0)),
+         dict(rotation="own", rot_source="estimate", trans_source="estimate", trans_window=(0.0, 0.5),
+              rot_window=(0.5, 1.0))]
 
 
 @pytest.mark.parametrize("window", [1.0, 0.3])
