@@ -2,14 +2,17 @@
 
 `benchmarks/mol_orientation_classes.py` shows that most molecules of a real cluster share the orientation of
 the largest class of their shape (translation-related copies are parallel). This tests whether a pair energy
-finds that one orientation when the search is reduced to it: for single-shape clusters, at the true centroids
-(optionally with Gaussian noise of ``--sigma`` Å on them), draw ``--candidates`` uniform rotations ``G``, place
-every copy as ``c_i + template @ G^T``, score the UFF 12-6 intermolecular energy (:func:`kflow_mol.refine.pair_energy`;
-the scan on heavy atoms, 6 Å cutoff), L-BFGS-refine the 5 best over ``G`` (all atoms,
-8 Å, float64) and keep the lowest. Reports per cluster the angle from ``G*`` to each copy's true orientation
-(closest symmetry-equivalent), against the largest-class ceiling and the energy of the true largest class::
+finds that one orientation when the search is reduced to it. For single-shape clusters (``--one-class``: only
+those whose copies are all parallel), at the true centroids (optionally with Gaussian noise of ``--sigma`` Å on
+them), :func:`kflow_mol.lattice.scan_orientation` scans ``--candidates`` uniform rotations ``G`` (seeded by
+``--seed``; every copy placed as ``c_i + template @ G^T``) by the UFF 12-6 energy on heavy atoms (6 Å), relaxes
+the ``--keep`` best on all atoms (8 Å, L-BFGS, float64) and keeps the lowest. ``--energy central`` scores only the
+pairs of the molecule nearest the mean centroid (its shell of neighbours); ``cluster`` every pair of the vacuum
+cluster. Reports per cluster the angle from ``G*`` to each copy's true orientation (closest symmetry-equivalent),
+PM-atom beside the centroid oracle, the largest-class ceiling and the energy of the true largest class::
 
-    python benchmarks/mol_parallel_search.py --data runs/bench_mol/cifs --limit 10 --json OUT.json
+    python benchmarks/mol_parallel_search.py --data runs/bench_mol/cifs --limit 12 --one-class --energy central \
+        --candidates 8192 --keep 20 --json OUT.json
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--one-class", action="store_true",
                     help="only clusters whose copies are all parallel (one orientation class within 5 degrees)")
     ap.add_argument("--keep", type=int, default=5, help="best scanned candidates refined by L-BFGS")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the scanned candidate orientations")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -63,7 +67,7 @@ def main() -> None:
             c = c + args.sigma * torch.randn(c.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(int(i)))
         focus = int((c - c.mean(0)).norm(dim=1).argmin()) if args.energy == "central" else None
         g, e_best = scan_orientation(cl.species, cl.templates[0], c, focus,
-                                     SearchConfig(candidates=args.candidates, keep=args.keep))
+                                     SearchConfig(candidates=args.candidates, keep=args.keep, seed=args.seed))
         R1, S = cl.R1, cl.symmetries
         err = np.array([min(_angle(g @ s, R1[j]) for s in S) for j in range(len(R1))])
         same = _classes(cl)
@@ -82,7 +86,7 @@ def main() -> None:
     w = np.array([r["within_10deg"] for r in rows])
     ceil = np.array([r["largest_class"] for r in rows])
     summary = {"clusters": len(rows), "candidates": args.candidates, "sigma": args.sigma, "energy": args.energy,
-               "one_class": args.one_class, "keep": args.keep,
+               "seed": args.seed, "one_class": args.one_class, "keep": args.keep,
                **{k: float(np.mean([r[k] for r in rows])) for k in ("pm_atom", "pm_atom_sym", "oracle_pm_atom",
                                                                     "oracle_pm_atom_sym")},
                "within_10deg": float(w.mean()), "largest_class_ceiling": float(ceil.mean()),

@@ -28,7 +28,7 @@ def test_pair_energy_focus_is_the_pairs_of_that_molecule():
 def test_fit_recovers_a_lattice_and_averages_noise():
     rng = np.random.default_rng(0)
     B = np.array([[5.1, 0.0, 0.0], [1.3, 6.2, 0.0], [-0.8, 1.1, 7.4]]) @ random_rotation_np(rng).T
-    c, n = _lattice_points(B, np.array([1.0, -2.0, 3.0]))
+    c, _ = _lattice_points(B, np.array([1.0, -2.0, 3.0]))
     fit = fit_lattice(c[rng.permutation(17)])
     assert fit.residual < 1e-9
     assert np.isclose(abs(np.linalg.det(fit.basis)), abs(np.linalg.det(B)))  # a basis, not a sublattice
