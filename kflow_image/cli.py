@@ -63,17 +63,6 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
-def _with_overrides(cfg: dict, extra: list[str]) -> dict:
-    """The stored run config with sampler-side overrides (``solver.steps=20``, ``solver.source=fixed``)."""
-    import yaml
-    from omegaconf import OmegaConf
-
-    base = OmegaConf.create(cfg)
-    for key, val in _overrides(extra, groups=False):
-        OmegaConf.update(base, key, yaml.safe_load(val), merge=True)
-    return OmegaConf.to_container(base, resolve=True)
-
-
 def _parse_bands(spec: str) -> tuple[float, float]:
     try:
         parts = [float(v) for v in spec.split(":")]
@@ -90,12 +79,11 @@ def cmd_sample(args, extra) -> int:
 
     run = pipeline.load_run(args.ckpt, args.device)
     if extra:
-        run = run.with_config(_with_overrides(run.cfg, extra))
+        run = run.with_overrides(_overrides(extra, groups=False))
     cfg_scale = run.sampling.cfg_scale if args.cfg_scale is None else args.cfg_scale
     solver = run.solver.replace(steps=args.steps)
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
-    n = args.n or (32 if args.restore or args.split_bands or args.uncond
-                   else 8 * (len(classes) if classes else run.num_classes) or 32)  # grids: 8 per class
+    n = args.n or run.default_count(classes, grid=not (args.restore or args.split_bands or args.uncond))
     labels = None if args.uncond else pipeline.labels_for(n, run.num_classes, classes, run.device)
     t0 = time.perf_counter()
     if args.restore:
@@ -120,15 +108,7 @@ def cmd_evaluate(args, extra) -> int:
     run = pipeline.load_run(args.ckpt, args.device)
     res = pipeline.evaluate(run, args.n, args.seed, args.cfg_scale, args.class_drop_at,
                             run.solver.replace(steps=args.steps))
-    if args.json:
-        import numpy as np
-        print(json.dumps(res, indent=2, default=lambda o: float(o) if isinstance(o, np.floating) else str(o)))
-        return 0
-    print(f"{'':24s} {'FID':>8s} {'KID':>9s} {'prec':>6s} {'recall':>6s}   (n = {res['n']})")
-    for k in ("generated", "real_vs_real", "codec_reconstruction"):
-        b = res[k]
-        print(f"{k:24s} {b['fid']:8.2f} {b['kid']:9.5f} {b['precision']:6.3f} {b['recall']:6.3f}")
-    print(f"generation: {res['images_per_s']} images/s")
+    pipeline.report_evaluation(res, as_json=args.json)
     return 0
 
 

@@ -12,6 +12,7 @@ Typed objects: :class:`ImageData` (datasets and latents), :class:`SampleConfig` 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -285,6 +286,21 @@ class ImageRun:
         """The same run with another run config's solver and sampling settings (sampler-side overrides)."""
         return dataclasses.replace(self, cfg=cfg, solver=solver_config(cfg),
                                    sampling=SampleConfig.from_dict(cfg.get("sample")))
+
+    def with_overrides(self, pairs: Sequence[tuple[str, str]]) -> ImageRun:
+        """The same run with ``(key, value)`` overrides of its stored config (``solver.steps=20``,
+        ``solver.source=fixed``, ``sample.cfg_scale=2``); values are read as YAML."""
+        import yaml
+        from omegaconf import OmegaConf
+
+        base = OmegaConf.create(self.cfg)
+        for key, val in pairs:
+            OmegaConf.update(base, key, yaml.safe_load(val), merge=True)
+        return self.with_config(OmegaConf.to_container(base, resolve=True))
+
+    def default_count(self, classes: Sequence[int] | None, grid: bool) -> int:
+        """How many images ``sample`` draws without ``--n``: 8 per class for a class grid (``grid``), else 32."""
+        return (8 * (len(classes) if classes else self.num_classes) or 32) if grid else 32
 
 
 def load_run(ckpt: str | Path, device: str = "auto") -> ImageRun:
@@ -591,6 +607,20 @@ def train(cfg: dict, resume: bool = False, log: Callable[[str], None] | None = N
 
 
 # ------------------------------------------------------------------------------------------ metrics
+def report_evaluation(res: dict, as_json: bool = False, say: Callable[[str], None] = print) -> None:
+    """Print an :func:`evaluate` result: one JSON object, or a table of FID/KID/precision/recall rows."""
+    if as_json:
+        import numpy as np
+
+        say(json.dumps(res, indent=2, default=lambda o: float(o) if isinstance(o, np.floating) else str(o)))
+        return
+    say(f"{'':24s} {'FID':>8s} {'KID':>9s} {'prec':>6s} {'recall':>6s}   (n = {res['n']})")
+    for k in ("generated", "real_vs_real", "codec_reconstruction"):
+        b = res[k]
+        say(f"{k:24s} {b['fid']:8.2f} {b['kid']:9.5f} {b['precision']:6.3f} {b['recall']:6.3f}")
+    say(f"generation: {res['images_per_s']} images/s")
+
+
 def metric_block(f_real, f, knn: int = 3, kid_subset: int = 100, exact: bool = False) -> dict:
     """FID, KID, k-NN precision/recall of features ``f`` against ``f_real`` (Inception pool features).
 

@@ -130,20 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn, takes_overrides=takes_overrides)
         return p.add_argument
 
-    def limit_flags(a, timeout, timeout_help):
-        d = CifLimits()
-        a("--timeout", type=float, default=timeout,
-          help=f"time limit in seconds, {timeout_help} (0 = none; default: %(default)g)")
-        a("--max-memory-gb", type=float, default=4.0,
-          help="memory a worker may add to its start size (RLIMIT_AS; 0 = none; default: %(default)g)")
-        a("--max-cell-volume", type=float, default=d.max_cell_volume,
-          help="largest CIF cell volume in Å^3, checked before expanding (default: %(default)g)")
-        a("--max-cell-atoms", type=int, default=d.max_cell_atoms,
-          help="most atoms a CIF cell may expand to, sites x symmetry operators (default: %(default)d)")
-        a("--max-symops", type=int, default=d.max_symops, help="most symmetry operators in a CIF (default: %(default)d)")
-        a("--max-cell-length", type=float, default=d.max_cell_length,
-          help="longest CIF cell edge in Å (default: %(default)g)")
-
     def data_flags(a, device_default):
         a("--data", help="cod17-mini (shipped), cod17-5k / cod17-10k / cod17-all (official raw files under "
                          "--data-root), or a folder of CIFs / of raw/ CSVs")
@@ -184,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", help="cpu | cuda | cuda:N | auto (default: cpu)")
     a("--refine", action="store_true", help="also write a refined cluster (rigid-body UFF pair-energy "
       "minimisation with restrained centroids): refined.cif/.extxyz, its metrics beside the unrefined ones")
-    limit_flags(a, 300.0, "for the whole command; reading the input runs in a worker that is killed")
+    CifLimits.add_flags(a, 300.0, "for the whole command; reading the input runs in a worker that is killed")
 
     a = command("build-dataset", "cut 17-molecule clusters from a folder of CIFs (official layout)", cmd_build)
     a("--cif-dir", required=True, help="folder of crystal CIFs (*.cif)")
@@ -203,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--min-contact-ratio", type=float, default=0.5, help="reject clusters with an intermolecular contact "
       "shorter than this fraction of the van der Waals sum (reason impossible_contact; 0 = never; default: "
       "%(default)g)")
-    limit_flags(a, 60.0, "per file: an alarm, then the file's worker process is killed")
+    CifLimits.add_flags(a, 60.0, "per file: an alarm, then the file's worker process is killed")
 
     a = command("inspect", "describe a cluster and render loose vs packed", cmd_inspect)
     a("input", help="CIF, official CSV, or XYZ cluster")

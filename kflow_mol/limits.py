@@ -46,6 +46,24 @@ class CifLimits:
         missing, None or 0); ``max_file_mb`` stays the default."""
         return cls(**{f.name: flags.get(f.name) or f.default for f in fields(cls) if f.name != "max_file_mb"})
 
+    @staticmethod
+    def add_flags(add, timeout: float, timeout_help: str) -> None:
+        """Declare the flags :meth:`from_flags` reads, plus ``--timeout`` and ``--max-memory-gb``, with
+        ``add`` an ``argparse`` ``add_argument``."""
+        d = CifLimits()
+        add("--timeout", type=float, default=timeout,
+            help=f"time limit in seconds, {timeout_help} (0 = none; default: %(default)g)")
+        add("--max-memory-gb", type=float, default=4.0,
+            help="memory a worker may add to its start size (RLIMIT_AS; 0 = none; default: %(default)g)")
+        add("--max-cell-volume", type=float, default=d.max_cell_volume,
+            help="largest CIF cell volume in Å^3, checked before expanding (default: %(default)g)")
+        add("--max-cell-atoms", type=int, default=d.max_cell_atoms,
+            help="most atoms a CIF cell may expand to, sites x symmetry operators (default: %(default)d)")
+        add("--max-symops", type=int, default=d.max_symops,
+            help="most symmetry operators in a CIF (default: %(default)d)")
+        add("--max-cell-length", type=float, default=d.max_cell_length,
+            help="longest CIF cell edge in Å (default: %(default)g)")
+
 
 def check_input_file(path: str | Path) -> Path:
     """``path`` if it is an existing file of a supported type (:data:`INPUT_TYPES`), else :class:`InputError`."""

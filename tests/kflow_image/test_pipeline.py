@@ -105,3 +105,18 @@ def test_restore_images_methods_and_seed():
     assert (f(lat)[m] - f(lat_obs)[m]).abs().mean() < (f(lat)[~m] - f(lat_obs)[~m]).abs().mean()
     with pytest.raises(pipeline.InputError, match="restoration method"):
         pipeline.restore_images(run, obs, None, "ilvr")
+
+
+def test_run_overrides_reach_the_solver_and_guidance(tmp_path):
+    """``kflow-image sample ... solver.steps=3 sample.cfg_scale=2.5``: trailing overrides change the loaded run's
+    sampler settings (read as YAML) and nothing else."""
+    from kflow_image.pipeline import ImageRun, SampleConfig, solver_config
+
+    cfg = {"solver": {"method": "euler", "steps": 20}, "sample": {"cfg_scale": 1.0}, "model": {"depth": 1}}
+    run = ImageRun(None, None, None, (1, 8, 8), 10, "cpu", solver_config(cfg), SampleConfig.from_dict(cfg["sample"]),
+                   cfg)
+    new = run.with_overrides([("solver.steps", "3"), ("sample.cfg_scale", "2.5")])
+    assert new.solver.steps == 3 and new.solver.method == "euler" and new.sampling.cfg_scale == 2.5
+    assert new.cfg["model"] == {"depth": 1} and run.solver.steps == 20  # the original run is untouched
+    assert new.default_count(None, grid=True) == 80 and new.default_count([3], grid=True) == 8
+    assert new.default_count(None, grid=False) == 32
