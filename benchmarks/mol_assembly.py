@@ -121,7 +121,8 @@ def table(results: list[dict]) -> str:
     rows = ["| | PM-atom ↓ | PM-atom sym-aware ↓ | PM-centre ↓ | rot. median ° ↓ | within 10° ↑ | valid | "
             "collision inter | cluster RMSD | train clusters/s | s/cluster batch 8 | s/cluster batch 1 | peak RAM GB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("do_nothing", "undo_mean_expansion", "centroid_oracle", "orientation_oracle", "symmetry_blind_oracle"):
+    for name in ("do_nothing", "undo_mean_expansion", "per_molecule_bayes", "centroid_oracle", "orientation_oracle",
+                 "symmetry_blind_oracle"):
         m = base.get(name, {})
         rows.append(f"| floor: {name.replace('_', ' ')} | {fmt(m.get('pm_atom'))} | {fmt(m.get('pm_atom_symmetry_aware'))} | "
                     f"{fmt(m.get('pm_center'))} | {fmt(m.get('rot_median_deg'), 1)} | {fmt(m.get('rot_within_10deg'))} | "

@@ -3,10 +3,9 @@
 The loose state (:mod:`kflow_mol.noise`) moves each centroid out from the cluster centre by its own factor
 ``f ~ U[mean - spread, mean + spread]`` and adds isotropic Gaussian jitter ``sigma``. A model that uses nothing
 collective (no neighbours, no lattice) can at best return the posterior mean of each centroid given its own loose
-centroid. With the prior "distance from the centre drawn from the training clusters, direction uniform", the
-direction integral is closed (von Mises-Fisher): for ``l`` the loose centroid relative to the loose centre,
-``E[r | l] = l/|l| * sum_{rho,f} w rho A(kappa) / sum w`` with ``kappa = f rho |l| / sigma^2``,
-``A = coth(kappa) - 1/kappa`` and ``w = p(rho) exp(-(|l|^2 + f^2 rho^2) / 2 sigma^2) sinh(kappa)/kappa``.
+centroid (:func:`kflow_mol.noise.posterior_centroids`, in closed form over the direction). Here the prior of
+distances from the centre is the training clusters' (``evaluate``'s ``per_molecule_bayes`` floor uses each
+cluster's own distances instead).
 
 PM-centre of that estimate on a split (beside undoing the mean expansion) is the level a network reaches if it
 learns only each molecule's own noise and nothing of the packing::
@@ -22,26 +21,8 @@ import json
 import numpy as np
 
 from kflow_mol.metrics import pm_center
-from kflow_mol.noise import LooseConfig, undo_mean_expansion
+from kflow_mol.noise import LooseConfig, posterior_centroids, undo_mean_expansion
 from kflow_mol.pipeline import load_data
-
-
-def posterior_mean(loose: np.ndarray, rho: np.ndarray, cfg: LooseConfig, n_f: int = 61) -> np.ndarray:
-    """Per-molecule posterior mean of the packed centroids ``(M, 3)`` from the loose ones ``loose (M, 3)``,
-    given prior distances from the centre ``rho (P,)`` (about the loose centre)."""
-    centre = loose.mean(0)
-    f = np.linspace(cfg.expansion_mean - cfg.expansion_spread, cfg.expansion_mean + cfg.expansion_spread, n_f)
-    fr = f[:, None] * rho[None, :]  # (F, P)
-    out = np.empty_like(loose)
-    for i, x in enumerate(loose - centre):
-        L = max(np.linalg.norm(x), 1e-9)
-        kap = np.maximum(fr * L / cfg.jitter**2, 1e-6)
-        log_shc = kap + np.log1p(-np.exp(-2 * kap)) - np.log(2 * kap)  # log(sinh(kappa) / kappa)
-        logw = -(L**2 + fr**2) / (2 * cfg.jitter**2) + log_shc
-        w = np.exp(logw - logw.max())
-        A = 1 / np.tanh(kap) - 1 / kap
-        out[i] = centre + x / L * (w * fr / f[:, None] * A).sum() / w.sum()
-    return out
 
 
 def main() -> None:
@@ -56,8 +37,7 @@ def main() -> None:
     rho = np.concatenate([np.linalg.norm(c.c1 - c.c1.mean(0), axis=1) for c in data.select("train", args.split_seed)])
     rows = []
     for c in data.select(args.split, args.split_seed):
-        loose = c.initial.mean(1)
-        est = posterior_mean(loose, rho, cfg)
+        est = posterior_centroids(c.initial, cfg, rho).mean(1)
         undo = undo_mean_expansion(c.initial, cfg).mean(1)
         rows.append({"id": c.id, "bayes_pm_center": pm_center(est[:, None], c.c1[:, None]),
                      "undo_pm_center": pm_center(undo[:, None], c.c1[:, None])})

@@ -17,9 +17,12 @@ from .refine import refine_cluster
 from .so3 import kabsch_np
 from .task import AssemblyTask, make_batch
 
-FLOOR_NAMES = ("do_nothing", "undo_mean_expansion", "centroid_oracle", "orientation_oracle", "symmetry_blind_oracle")
+FLOOR_NAMES = ("do_nothing", "undo_mean_expansion", "per_molecule_bayes", "centroid_oracle", "orientation_oracle",
+               "symmetry_blind_oracle")
 # the floors a plain verdict compares with, in words
 _VERDICT_FLOORS = {"do_nothing": "the loose state", "undo_mean_expansion": "undoing the mean expansion",
+                   "per_molecule_bayes": "each centroid's Bayes estimate from its own loose centroid (given the true "
+                                         "distances from the centre; nothing collective)",
                    "centroid_oracle": "true centroids with the loose orientations"}
 _CLASH_KEYS = ("clashes", "clashing_molecules", "min_contact", "min_vdw_ratio")
 
@@ -48,7 +51,7 @@ def predict_clusters(model: nn.Module, task: AssemblyTask, clusters: list[Prepar
 
 def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[PreparedCluster],
              solver: SolverConfig | None = None, *, batch_size: int = 8, device="cpu",
-             expansion_mean: float | None = 2.0, progress: bool = False, refine=None,
+             expansion_mean: float | None = 2.0, progress: bool = False, refine=None, noise=None,
              steps: int | None = None, method: str | None = None, grid: str | None = None) -> dict:
     """Metrics of the model (if given) and of the floors, averaged over clusters (AssembleFlow's protocol:
     per cluster, then the mean; validity = finite and <= 100 Å).
@@ -56,10 +59,12 @@ def evaluate(model: nn.Module | None, task: AssemblyTask | None, clusters: list[
     The model samples with ``solver`` (default: 50 exact uniform steps); the older keywords ``steps``,
     ``method`` and ``grid`` override single fields of it. With ``refine`` (a
     :class:`kflow_mol.refine.RefineConfig`) the model's clusters are also refined by the rigid-body pair-energy
-    minimisation and scored separately as ``model_refined`` (never folded into ``model``)."""
+    minimisation and scored separately as ``model_refined`` (never folded into ``model``). ``noise``: the
+    :class:`kflow_mol.noise.LooseConfig` that drew the loose states, when our noise model did (adds the
+    ``per_molecule_bayes`` floor, :func:`kflow_mol.metrics.oracle_floors`)."""
     solver = (solver or SolverConfig()).replace(steps=steps, method=method, grid=grid)
     out: dict = {"num_clusters": len(clusters), "steps": solver.steps, "method": solver.method}
-    floors = [oracle_floors(c.initial, c.final, c.species, c.copy_perms(), expansion_mean) for c in clusters]
+    floors = [oracle_floors(c.initial, c.final, c.species, c.copy_perms(), expansion_mean, noise) for c in clusters]
     for name in FLOOR_NAMES:
         if floors and name in floors[0]:
             out[name] = summarize([f[name] for f in floors])

@@ -50,6 +50,7 @@ from scipy.spatial.distance import cdist
 
 from kflow_mol import so3
 from kflow_mol.molecule import vdw_radii
+from kflow_mol.noise import posterior_centroids, undo_mean_expansion
 from kflow_mol.symmetry import automorphisms, closest_equivalent
 
 __all__ = [
@@ -586,6 +587,7 @@ def oracle_floors(
     species: Any,
     perms: torch.Tensor | np.ndarray | None = None,
     expansion_mean: float | None = None,
+    noise: Any = None,
 ) -> dict[str, dict]:
     """Metrics of reference predictions that use the known target (diagnosis only).
 
@@ -596,13 +598,17 @@ def oracle_floors(
         perms: automorphisms ``(G, n)`` or per copy ``(M, G, n)`` (``None``: computed from ``final[0]``).
         expansion_mean: when given, also the "undo mean expansion" floor (centroids shrunk about the
             cluster centre by this factor, orientations untouched).
+        noise: the :class:`kflow_mol.noise.LooseConfig` that drew ``initial`` (only when our noise model did):
+            the "undo mean expansion" floor with its factor, and the ``per_molecule_bayes`` floor
+            (:func:`kflow_mol.noise.posterior_centroids`, the prior being this cluster's own distances from its
+            centre; orientations untouched): what a model reaches that learns nothing collective.
 
     Returns:
         ``{name: evaluate_cluster dict}`` for ``do_nothing`` (the loose state), ``centroid_oracle`` (true
         centroids, loose orientations), ``orientation_oracle`` (true orientations, loose centroids),
         ``symmetry_blind_oracle`` (true centroids and the true orientation equivalent closest to the loose one:
         a physically perfect prediction; its symmetry-aware PM is 0 and its published PM is the floor of the
-        published metric) and optionally ``undo_mean_expansion``.
+        published metric) and optionally ``undo_mean_expansion`` and ``per_molecule_bayes``.
     """
     x0, x1 = _cluster(initial, "initial"), _cluster(final, "final")
     species = np.asarray(species, dtype=np.int64)
@@ -616,7 +622,9 @@ def oracle_floors(
         "orientation_oracle": x1 - c1 + c0,
         "symmetry_blind_oracle": blind.numpy(),
     }
-    if expansion_mean is not None:
-        centre = c0.mean(0, keepdims=True)
-        preds["undo_mean_expansion"] = x0 - c0 + centre + (c0 - centre) / expansion_mean
+    if noise is not None or expansion_mean is not None:
+        preds["undo_mean_expansion"] = undo_mean_expansion(x0, noise if noise is not None else expansion_mean)
+    if noise is not None and noise.jitter > 0:
+        c1c = c1[:, 0]
+        preds["per_molecule_bayes"] = posterior_centroids(x0, noise, np.linalg.norm(c1c - c1c.mean(0), axis=1))
     return {k: evaluate_cluster(v, x1, species, perms) for k, v in preds.items()}

@@ -32,7 +32,7 @@ import numpy as np
 
 from .so3 import random_rotation_np
 
-__all__ = ["LooseConfig", "make_loose", "undo_mean_expansion"]
+__all__ = ["LooseConfig", "make_loose", "posterior_centroids", "undo_mean_expansion"]
 
 
 @dataclass
@@ -118,21 +118,57 @@ def make_loose(final: np.ndarray, rng: np.random.Generator, cfg: LooseConfig | N
     return out
 
 
-def undo_mean_expansion(initial: np.ndarray, cfg: LooseConfig | None = None) -> np.ndarray:
+def undo_mean_expansion(initial: np.ndarray, cfg: LooseConfig | float | None = None) -> np.ndarray:
     """The "undo mean expansion" floor: shrink centroids about the cluster centre by the mean factor.
 
     Orientations are untouched. With per-molecule factors and jitter this must stay far from the target.
 
     Args:
         initial: ``(M, n, 3)`` loose positions.
-        cfg: the noise config that produced them.
+        cfg: the noise config that produced them, or just its mean factor.
 
     Returns:
         ``(M, n, 3)`` positions with centroids ``centre + (c_i - centre) / expansion_mean``.
     """
-    cfg = cfg or LooseConfig()
+    factor = float(cfg) if isinstance(cfg, (int, float)) else (cfg or LooseConfig()).expansion_mean
     initial = _check(initial)
     c = initial.mean(1)
     centre = c.mean(0)
-    new_c = centre + (c - centre) / cfg.expansion_mean
+    new_c = centre + (c - centre) / factor
+    return initial - c[:, None] + new_c[:, None]
+
+
+def posterior_centroids(initial: np.ndarray, cfg: LooseConfig, distances: np.ndarray, n_factors: int = 61) -> np.ndarray:
+    """The per-molecule Bayes floor: every centroid moved to its posterior mean given its own loose centroid only.
+
+    This is the best a model can do that learns each molecule's noise and nothing collective (no neighbours, no
+    lattice). With ``l`` the loose centroid about the loose centre, a prior of distances from the centre
+    ``rho ~ distances`` with a uniform direction, and ``f ~ U[mean - spread, mean + spread]``, the direction
+    integral is a von Mises-Fisher one: ``E[r | l] = l/|l| sum w rho A(kappa) / sum w`` with
+    ``kappa = f rho |l| / jitter^2``, ``A = coth(kappa) - 1/kappa`` and
+    ``w = exp(-(|l|^2 + f^2 rho^2) / 2 jitter^2) sinh(kappa) / kappa``.
+
+    Args:
+        initial: ``(M, n, 3)`` loose positions.
+        cfg: the noise config that produced them (``jitter > 0``).
+        distances: ``(P,)`` prior sample of distances (Å) of packed centroids from their cluster's centre.
+        n_factors: grid over the expansion factor.
+
+    Returns:
+        ``(M, n, 3)`` positions with the posterior-mean centroids, orientations untouched.
+    """
+    initial = _check(initial)
+    c = initial.mean(1)
+    centre = c.mean(0)
+    f = np.linspace(cfg.expansion_mean - cfg.expansion_spread, cfg.expansion_mean + cfg.expansion_spread, n_factors)
+    rho = np.asarray(distances, dtype=np.float64)
+    s2 = max(cfg.jitter, 1e-3) ** 2
+    new_c = np.empty_like(c)
+    for i, x in enumerate(c - centre):
+        L = max(float(np.linalg.norm(x)), 1e-9)
+        fr = f[:, None] * rho[None, :]
+        kap = np.maximum(fr * L / s2, 1e-6)
+        logw = -(L**2 + fr**2) / (2 * s2) + kap + np.log1p(-np.exp(-2 * kap)) - np.log(2 * kap)  # log sinh(k)/k
+        w = np.exp(logw - logw.max())
+        new_c[i] = centre + x / L * (w * rho[None, :] * (1 / np.tanh(kap) - 1 / kap)).sum() / w.sum()
     return initial - c[:, None] + new_c[:, None]

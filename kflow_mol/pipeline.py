@@ -187,6 +187,12 @@ class ClusterData:
         return clusters[: limit or None]
 
 
+def _own_noise(data: ClusterData, noise):
+    """``noise`` when the loose states of ``data`` were drawn by it (clusters cut from CIFs), else None: the
+    official data's loose states come from its own, unpublished model."""
+    return noise if data.kind == "cif" else None
+
+
 def load_data(name: str, root, noise, split_seed, log: Log = _stderr, min_packing: float | None = None) -> ClusterData:
     """Prepared clusters of a dataset; rejected inputs are logged in one line (count, reasons, the first).
     ``min_packing``: reject CIF cells packed looser than this (``data.min_packing``; None: no check)."""
@@ -254,7 +260,7 @@ def train(cfg, resume: bool = False, log: Log = _stderr) -> TrainResult:
     res = None
     if test:
         res = evaluate_clusters(ema, task, test, solver, device=trainer.device,
-                                expansion_mean=float(cfg.noise.expansion_mean))
+                                expansion_mean=float(cfg.noise.expansion_mean), noise=_own_noise(data, noise))
         res["rejected"] = data.rejected
         atomic_write_text(run / "test_metrics.json", json.dumps(public(res), indent=1))
         pm_histogram(res, run / "pm_hist.png")
@@ -282,7 +288,8 @@ def evaluate(loaded: LoadedModel, data: str, root, split_seed: int, split: str =
     clusters = cd.select(split, split_seed, limit)
     solver = solver or solver_config(loaded.cfg)
     res = evaluate_clusters(loaded.model, loaded.task, clusters, solver, device=device,
-                            expansion_mean=float(loaded.noise.expansion_mean), progress=progress,
+                            expansion_mean=float(loaded.noise.expansion_mean), noise=_own_noise(cd, loaded.noise),
+                            progress=progress,
                             refine=RefineConfig() if refine else None)
     res.update(checkpoint=str(loaded.path), data=data, split=split, trained_on=loaded.info.get("data"),
                rejected=cd.rejected)
