@@ -35,7 +35,7 @@ class SolverConfig:
         source: which ``x_0`` turns endpoint predictions into steps (see :func:`solve`): ``estimate``
             (re-estimated from ``x_k`` and ``x1_hat``; generation from noise) or ``fixed`` (the given ``x_0``;
             right when ``x_0`` is part of the condition). The rigid molecule sampler has its own source rule
-            (centroids fixed, rotations ``path.rot_source``) and ignores it.
+            (``path.trans_source`` and ``path.rot_source``) and ignores it.
     """
 
     method: str = "exact"

@@ -81,7 +81,7 @@ class RigidPathSample:
 
 
 ROTATIONS = ("graph", "own")
-ROT_SOURCES = ("fixed", "estimate")
+SOURCES = ("fixed", "estimate")
 
 
 class RigidKPath:
@@ -116,10 +116,10 @@ class RigidKPath:
             raise ValueError(f"distance must be 'centroid' or 'contact', got '{distance}'")
         if rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got '{rotation}'")
-        if rot_source not in ROT_SOURCES:
-            raise ValueError(f"rot_source must be one of {ROT_SOURCES}, got '{rot_source}'")
-        if trans_source not in ROT_SOURCES:
-            raise ValueError(f"trans_source must be one of {ROT_SOURCES}, got '{trans_source}'")
+        if rot_source not in SOURCES:
+            raise ValueError(f"rot_source must be one of {SOURCES}, got '{rot_source}'")
+        if trans_source not in SOURCES:
+            raise ValueError(f"trans_source must be one of {SOURCES}, got '{trans_source}'")
         self.trans_source = trans_source
         a, b = (float(x) for x in rot_window)
         ta, tb = (float(x) for x in trans_window)
@@ -202,7 +202,8 @@ class RigidKPath:
         """One exact-increment sampler step from ``s_k`` at ``k`` to ``k_next`` (both ``(B,)``).
 
         Centroids: ``c += M_{k'} - M_k`` applied to ``c1_hat - src``, where ``src`` is the loose centroids
-        (``trans_source="fixed"``) or the source re-estimated from ``c_k`` and ``c1_hat`` (``"estimate"``). Rotations, ``rot_source="fixed"``: the same increment on ``Log(R1_hat R0^T)`` with the loose
+        (``trans_source="fixed"``) or the source re-estimated from ``c_k`` and ``c1_hat`` (``"estimate"``).
+        Rotations, ``rot_source="fixed"``: the same increment on ``Log(R1_hat R0^T)`` with the loose
         orientation as source (the training path through ``R0``). ``"estimate"``: the source is re-estimated
         from the state, which on the rotation clock is the geodesic step
         ``R <- Exp(a Log(R1_hat R^T)) R`` with ``a = (mu_r(k') - mu_r(k)) / (1 - mu_r(k))`` (``rotation="own"``),

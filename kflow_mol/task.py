@@ -274,7 +274,7 @@ class AssemblyTask:
 
         Args:
             solver: steps, method (``exact`` only) and grid (default: 50 uniform steps); its ``source`` is not
-                used (centroids keep the loose state as source, rotations follow ``path.rot_source``).
+                used (centroids follow ``path.trans_source``, rotations ``path.rot_source``).
             steps, method, grid: override single fields of ``solver``.
             on_step: optional ``f(batch, s, k_next) -> s``, applied to the state ``(B, M, 6)`` after every step
                 (``batch`` with its rotational source); diagnoses use it to put part of the state back on a
@@ -296,7 +296,7 @@ class AssemblyTask:
         k_grid = make_grid(steps, grid, self.path.schedule, transform.distinct_kappa() if grid == "band" else None)
         k_grid = k_grid.to(device=s.device, dtype=s.dtype)
         # SO(3) is not a vector space, so the rigid path takes its own steps (RigidKPath.step): centroids
-        # keep the given loose state as source, rotations follow path.rot_source
+        # follow path.trans_source (default: the given loose state), rotations path.rot_source
         traj = [s] if return_trajectory else None
         b = s.shape[0]
         for i in range(steps):
