@@ -39,9 +39,12 @@ def _pm(pos: np.ndarray | None, cluster) -> dict:
 
 
 def _search(cluster, c: np.ndarray) -> tuple[np.ndarray | None, float | None]:
-    fit = fit_lattice(c)
+    """The searched positions (``None``: not one shape, or not one lattice) and the lattice-fit residual."""
     res = search_orientation(cluster.species, cluster.templates[0], c) if len(cluster.templates) == 1 else None
-    return (None if res is None else res.positions(cluster.templates[0])), (None if fit is None else fit.residual)
+    if res is not None:  # the search fitted the lattice already
+        return res.positions(cluster.templates[0]), res.lattice.residual
+    fit = fit_lattice(c)
+    return None, None if fit is None else fit.residual
 
 
 def main() -> None:

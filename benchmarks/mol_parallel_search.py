@@ -26,7 +26,7 @@ from mol_orientation_classes import _angle  # the benchmark beside this one (scr
 
 from kflow_mol.dataset import load_prepared
 from kflow_mol.evaluate import _score
-from kflow_mol.lattice import SearchConfig, scan_orientation
+from kflow_mol.lattice import SearchConfig, central_index, scan_orientation
 from kflow_mol.metrics import oracle_floors
 from kflow_mol.refine import pair_energy, uff_vdw
 
@@ -65,7 +65,7 @@ def main() -> None:
         c = torch.tensor(cl.c1, dtype=torch.float64)
         if args.sigma:
             c = c + args.sigma * torch.randn(c.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(int(i)))
-        focus = int((c - c.mean(0)).norm(dim=1).argmin()) if args.energy == "central" else None
+        focus = central_index(c.numpy()) if args.energy == "central" else None
         g, e_best = scan_orientation(cl.species, cl.templates[0], c, focus,
                                      SearchConfig(candidates=args.candidates, keep=args.keep, seed=args.seed))
         R1, S = cl.R1, cl.symmetries

@@ -21,7 +21,8 @@ from itertools import combinations
 
 import numpy as np
 
-__all__ = ["LatticeFit", "SearchConfig", "SearchResult", "fit_lattice", "scan_orientation", "search_orientation"]
+__all__ = ["LatticeFit", "SearchConfig", "SearchResult", "central_index", "fit_lattice", "scan_orientation",
+           "search_orientation"]
 
 
 @dataclass
@@ -39,6 +40,12 @@ class LatticeFit:
     coords: np.ndarray
     points: np.ndarray
     residual: float
+
+
+def central_index(c) -> int:
+    """The central molecule of centroids ``c (M, 3)``: the one nearest their mean."""
+    c = np.asarray(c, dtype=np.float64)
+    return int(np.linalg.norm(c - c.mean(0), axis=1).argmin())
 
 
 def _candidates(c: np.ndarray, min_len: float, keep: int = 12) -> np.ndarray:
@@ -81,7 +88,7 @@ def fit_lattice(c: np.ndarray, min_len: float = 3.0, rounds: int = 2) -> Lattice
     """
     c = np.asarray(c, dtype=np.float64)
     v = _candidates(c, min_len)
-    o = c[np.linalg.norm(c - c.mean(0), axis=1).argmin()]
+    o = c[central_index(c)]
     best = None
     for t in combinations(range(len(v)), 3):  # every independent triple; the best fit wins
         B = v[list(t)]
@@ -100,7 +107,7 @@ def _empty_sites(f: LatticeFit, reach: int = 4) -> int:
     (long, skewed vectors) leaves many."""
     r = np.arange(-reach, reach + 1)
     grid = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-    centre = f.coords[np.linalg.norm(f.points - f.points.mean(0), axis=1).argmin()]
+    centre = f.coords[central_index(f.points)]
     radius = 0.9 * np.linalg.norm((f.coords - centre) @ f.basis, axis=1).max()
     inside = grid[np.linalg.norm(grid @ f.basis, axis=1) < radius] + centre
     occupied = {tuple(v) for v in f.coords.tolist()}
@@ -168,7 +175,7 @@ def scan_orientation(species, template, c, focus: int | None, cfg: SearchConfig 
     import torch  # lazy, as the rest of the physics: only the search needs it
 
     from . import so3
-    from .refine import pair_energy, uff_vdw
+    from .refine import minimise, pair_energy, uff_vdw
 
     cfg = cfg or SearchConfig()
     T = torch.as_tensor(np.asarray(template), dtype=torch.float64)
@@ -182,18 +189,11 @@ def scan_orientation(species, template, c, focus: int | None, cfg: SearchConfig 
     best = (float("inf"), None)
     for b in E.argsort()[: cfg.keep]:
         om = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([om], lr=1.0, max_iter=cfg.steps, line_search_fn="strong_wolfe")
 
         def energy(om=om, g0=G[b]):
             return pair_energy(p0[:, None] + (T @ (so3.exp(om) @ g0).T)[None], x, d, cfg.cutoff, focus)
 
-        def closure(opt=opt, energy=energy):
-            opt.zero_grad()
-            e = energy()
-            e.backward()
-            return e
-
-        opt.step(closure)
+        minimise([om], energy, cfg.steps)
         with torch.no_grad():
             e = float(energy())
         if e < best[0]:
@@ -223,6 +223,6 @@ def search_orientation(species, template, c, cfg: SearchConfig | None = None) ->
     fit = fit_lattice(c)
     if fit is None or fit.residual > cfg.max_residual:
         return None
-    focus = int(np.linalg.norm(fit.points - fit.points.mean(0), axis=1).argmin())
+    focus = central_index(fit.points)
     G, e = scan_orientation(species, template, fit.points, focus, cfg)
     return SearchResult(fit.points, G, e, fit)

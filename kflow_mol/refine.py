@@ -21,7 +21,7 @@ from ase.data import vdw_radii
 
 from . import so3
 
-__all__ = ["RefineConfig", "RefineResult", "pair_energy", "refine_cluster", "uff_vdw"]
+__all__ = ["RefineConfig", "RefineResult", "minimise", "pair_energy", "refine_cluster", "uff_vdw"]
 
 
 @lru_cache(maxsize=None)
@@ -110,6 +110,20 @@ def pair_energy(pos: torch.Tensor, x: torch.Tensor, d: torch.Tensor, cutoff: flo
     return half * e.flatten(-other.ndim).sum(-1)
 
 
+def minimise(params: list[torch.Tensor], loss, steps: int) -> None:
+    """Minimise ``loss()`` over ``params`` in place: one L-BFGS run of ``steps`` iterations with a strong-Wolfe
+    line search (every physics minimisation here: the refinement and the orientation scan)."""
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    opt.step(closure)
+
+
 def refine_cluster(species: np.ndarray, template: np.ndarray, c: np.ndarray, R: np.ndarray,
                    cfg: RefineConfig | None = None) -> RefineResult:
     """Minimise the pair energy over the rigid poses of one cluster (float64, L-BFGS).
@@ -140,15 +154,7 @@ def refine_cluster(species: np.ndarray, template: np.ndarray, c: np.ndarray, R: 
 
     with torch.no_grad():
         e0 = float(energy())  # the restraint is zero at the start
-    opt = torch.optim.LBFGS([dc, om], lr=1.0, max_iter=cfg.steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = total()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    minimise([dc, om], total, cfg.steps)
     with torch.no_grad():
         cc, Rn = poses()
         e1 = float(energy())
