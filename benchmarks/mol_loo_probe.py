@@ -39,7 +39,7 @@ def with_start(batch, j: torch.Tensor, start: str):
     return replace(batch, R0=R0)
 
 
-def loo_state(task, batch, R1: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+def loo_state(batch, R1: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """State ``(B, M, 6)``: true centroids; true orientations except molecule ``j[b]`` (its loose one)."""
     b = torch.arange(len(j))
     R = R1.clone()
@@ -47,9 +47,10 @@ def loo_state(task, batch, R1: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     return torch.cat([batch.c1, so3.log(R @ batch.R0.transpose(-1, -2))], -1)
 
 
-def predict(model, task, batch, s, k):
+def predict(model, task, batch, s, k) -> tuple[torch.Tensor, torch.Tensor]:
+    """The endpoint state ``s1 (B, M, 6)`` and its orientations ``(B, M, 3, 3)``."""
     s1 = task.predict(model, task._transform(batch), s, k, batch)
-    return task.path.rigid(s1, batch.R0)[1]
+    return s1, task.path.rigid(s1, batch.R0)[1]
 
 
 def neighbour_copy(batch, R1: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ def main() -> None:
                     j = torch.full((len(batch0.c0),), jj)
                     batch = with_start(batch0, j, a.j_start)
                     R1 = task.targets(batch)
-                    R_hat = predict(model, task, batch, loo_state(task, batch, R1, j), k)
+                    _, R_hat = predict(model, task, batch, loo_state(batch, R1, j), k)
                     b = torch.arange(len(j))
                     pred += rotation_error(R_hat, R1, batch.symmetries, batch.sym_mask)[b, j].tolist()
                     no_turn += rotation_error(batch.R0, R1, batch.symmetries, batch.sym_mask)[b, j].tolist()
@@ -122,9 +123,7 @@ def main() -> None:
             batch = with_start(batch, j, a.j_start)
             R1 = task.targets(batch)
             k = a.k[0] + (a.k[1] - a.k[0]) * torch.rand(a.batch, generator=gen, dtype=batch.c0.dtype)
-            s = loo_state(task, batch, R1, j)
-            s1 = task.predict(model, task._transform(batch), s, k, batch)
-            R_hat = task.path.rigid(s1, batch.R0)[1]
+            s1, R_hat = predict(model, task, batch, loo_state(batch, R1, j), k)
             _, rot = task.atom_error(s1, batch.c1, R_hat, R1, batch.gyration)
             b = torch.arange(a.batch)
             loss = rot[b, j].mean()
