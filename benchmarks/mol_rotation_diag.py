@@ -35,7 +35,7 @@ def by_k(model, task, clusters, bins: int = 10, draws: int = 2, seed: int = 0) -
     for b in range(bins):
         pred, left, pred_a, left_a = [], [], [], []
         for i in range(0, len(clusters), 8):
-            batch = make_batch(clusters[i:i + 8])
+            batch = make_batch(clusters[i:i + 8], with_packings=task.packing_targets)
             for _ in range(draws):
                 n = batch.c0.shape[0]
                 k = (b + torch.rand(n, generator=gen, dtype=batch.c0.dtype)) / bins
@@ -59,13 +59,15 @@ def sample_centroids_forced(model, task, clusters, solver) -> dict:
     (``on_step``); orientations come from the sampler alone."""
 
     def force(batch, s, k_next):
+        batch = task.align(batch)  # the packing the model was trained towards (packing_targets), else the labelled
         on_path = task.path.sample(task._transform(batch), batch.c0, batch.R0, batch.c1, task.targets(batch), k_next)
         return torch.cat([on_path.s_k[..., :3], s[..., 3:]], -1)
 
     rows = []
     for i in range(0, len(clusters), 8):
         items = clusters[i:i + 8]
-        pos = task.sample(model, make_batch(items), solver, on_step=force).positions.double().numpy()
+        batch = make_batch(items, with_packings=task.packing_targets)
+        pos = task.sample(model, batch, solver, on_step=force).positions.double().numpy()
         rows += [evaluate_cluster(pos[b, :, :it.num_atoms], it.final, it.species, it.copy_perms())
                  for b, it in enumerate(items)]
     return summarize(rows)

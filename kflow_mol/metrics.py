@@ -23,7 +23,9 @@ Ours (beyond the paper; each name says what it is):
   relabellings that are the same rigid pose): start from the identity labels and from the closest-equivalent
   labels, then coordinate descent molecule by molecule (each step is exact, so the value never increases);
   an upper bound of the true minimum over the ``G^M`` combinations, exactly 0 for a physically perfect
-  prediction. ``pm_atom_symmetry_aware <= pm_atom_perm_invariant``;
+  prediction. ``pm_atom_symmetry_aware <= pm_atom_perm_invariant``. The candidate matchings include those
+  given by the symmetries of the true centroid set (``symmetry.centroid_symmetries``), so the truth moved by
+  such a symmetry (an equivalent packing) scores 0 too;
 - ``collision_inter``: the published collision criterion on inter-molecular atom pairs only (percent of those
   pairs), which is 0 for a clash-free cluster;
 - ``cluster_rmsd``: all-atom RMSD after optimal superposition (Kabsch, proper) in the labelled order, and
@@ -51,7 +53,7 @@ from scipy.spatial.distance import cdist
 from kflow_mol import so3
 from kflow_mol.molecule import vdw_radii
 from kflow_mol.noise import posterior_centroids, undo_mean_expansion
-from kflow_mol.symmetry import automorphisms, closest_equivalent
+from kflow_mol.symmetry import automorphisms, centroid_symmetries, closest_equivalent
 
 __all__ = [
     "ASSEMBLEFLOW_COVALENT_RADII",
@@ -495,7 +497,9 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
         ``pm_atom_perm_invariant, pm_center_perm_invariant, pm_atom_symmetry_aware, collision_inter,
         cluster_rmsd, cluster_rmsd_symmetry_aware, compack_matched, symmetry_order``, and the orientation
         errors ``rot_median_deg`` (median over molecules, :func:`rotation_errors`) and ``rot_within_10deg``
-        (fraction of molecules within 10 degrees of an equivalent of the truth).
+        (fraction of molecules within 10 degrees of an equivalent of the truth), labels kept; and
+        ``rot_median_deg_symmetry_aware`` / ``rot_within_10deg_symmetry_aware``: the same after the
+        symmetry-aware matching and the optimal global isometry (PM's invariances).
     """
     p, t = _cluster(pred, "pred"), _cluster(true, "true")
     if p.shape != t.shape:
@@ -513,6 +517,15 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
     }
     sigmas = match_molecules(p, t, return_candidates=True)
     sigma = sigmas[0]
+    # The superposition behind the matching starts from the identity, so it misses the matchings of a
+    # prediction that is the truth moved by a symmetry of its centroid set (the same packing, which the
+    # loose state cannot tell apart: kflow_mol.symmetry.equivalent_packings). Try those too.
+    known = {tuple(s.tolist()) for s in sigmas}
+    for _, pi in centroid_symmetries(t.mean(1)):
+        for s in list(sigmas[:3]):
+            if tuple(s[pi].tolist()) not in known:
+                known.add(tuple(s[pi].tolist()))
+                sigmas.append(s[pi])
     pi = pm_atom(p[sigma], t)
     sym, sigma_sym, t_rel = pm_atom_symmetry_aware(p, t, perms, sigma=sigmas)
     out.update(
@@ -527,6 +540,12 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
     )
     rot = rotation_errors(p, t, perms)
     out.update(rot_median_deg=float(np.median(rot)), rot_within_10deg=float((rot < 10.0).mean()))
+    if np.all(np.isfinite(p)):  # the same after the symmetry-aware matching and an optimal global isometry
+        pm, tm = p[sigma_sym].reshape(-1, 3), t_rel.reshape(-1, 3)
+        Q, _ = so3.kabsch_np(pm, tm, proper=False)
+        rot = rotation_errors(((pm - pm.mean(0)) @ Q.T).reshape(p.shape), t_rel, perms)
+    out.update(rot_median_deg_symmetry_aware=float(np.median(rot)),
+               rot_within_10deg_symmetry_aware=float((rot < 10.0).mean()))
     return out
 
 

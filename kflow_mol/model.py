@@ -319,6 +319,11 @@ class AssemblyNet(nn.Module):
             the current orientations are noise until the molecules are nearly in place, and fed together they
             keep the network from learning that function even on one training cluster (measured:
             ``benchmarks/mol_orientation_probe.py``, ``BENCHMARKS.md``).
+        neighbour_turns: add, on every edge between copies of the same shape, how far ``j`` is turned from
+            ``i``: ``R_j R_i^T - I`` as ``0e`` (an edge scalar) ``+ 1e + 2e`` (equivariant edge features). With
+            the ``matrix``/``anchor`` head, copying a neighbour's orientation is then a linear map (the turn
+            ``I + A`` with ``A`` a weighted sum of these); from the other features it is a product of two
+            frames, which the network did not learn from contacts (``benchmarks/mol_loo_probe.py``).
     """
 
     def __init__(
@@ -344,6 +349,7 @@ class AssemblyNet(nn.Module):
         rot_output: str = "rotvec",
         self_interaction: bool = False,
         lattice_layers: int = 0,
+        neighbour_turns: bool = False,
     ):
         super().__init__()
         if rot_output not in ("rotvec", "quat", "matrix", "anchor"):
@@ -381,10 +387,12 @@ class AssemblyNet(nn.Module):
         self.node_vec_in = o3.Linear(self.irreps_node_vec, o3.Irreps([(m, ir) for m, ir in self.irreps_h if ir.l > 0]))
         # Edge equivariant features, per side (i's atoms w.r.t. j, then j's w.r.t. i), + c_j - c_i.
         S1 = self.S1
-        self.irreps_ev = o3.Irreps(f"{2 * S1}x1o+{S1}x1e+{S1}x2e+{2 * S1}x1o+{S1}x1e+{S1}x2e+1x1o")
+        self.neighbour_turns = neighbour_turns
+        turns = "+1x1e+1x2e" if neighbour_turns else ""
+        self.irreps_ev = o3.Irreps(f"{2 * S1}x1o+{S1}x1e+{S1}x2e+{2 * S1}x1o+{S1}x1e+{S1}x2e+1x1o{turns}")
         contact_scalar_dim = 1 + contact_rbf + contact_rbf * S1
         self.num_centroid_rbf = 24
-        self.edge_mlp = _mlp([self.num_centroid_rbf + 2 * contact_scalar_dim, 64, 64])
+        self.edge_mlp = _mlp([self.num_centroid_rbf + 2 * contact_scalar_dim + int(neighbour_turns), 64, 64])
         # Equivariant edge features are embedded once (a linear map), then gated per layer.
         self.irreps_evh = o3.Irreps(f"{hidden_vectors}x1o+{hidden_vectors}x1e+{max(hidden_l2, 4)}x2e")
         self.ev_embed = o3.Linear(self.irreps_ev, self.irreps_evh)
@@ -414,9 +422,11 @@ class AssemblyNet(nn.Module):
         head = {"rotvec": "1x1o+1x1e", "quat": "1x1o+1x1e+1x0e", "matrix": "1x1o+1x0e+1x1e+1x2e",
                 "anchor": f"1x1o+1x0e+1x1e+1x2e+{enc_vectors}x1o+{enc_vectors}x1e"}[rot_output]
         self.head = o3.Linear(self.irreps_h, o3.Irreps(head))
-        if rot_output in ("matrix", "anchor"):
-            # (9, 3, 3) change of basis 0e+1e+2e -> Cartesian 3x3; a buffer outside the state dict
+        if rot_output in ("matrix", "anchor") or neighbour_turns:
+            # (9, 3, 3) change of basis 0e+1e+2e -> Cartesian 3x3, and back (9, 9); buffers outside the state dict
             self.register_buffer("cart", CartesianTensor("ij").to_cartesian(torch.eye(9)), persistent=False)
+            cart64 = CartesianTensor("ij").to_cartesian(torch.eye(9, dtype=torch.float64))
+            self.register_buffer("cart_inv", torch.linalg.pinv(cart64.reshape(9, 9)), persistent=False)
 
     # ------------------------------------------------------------------ stages
     def encode_templates(self, batch: ClusterBatch) -> TemplateCache:
@@ -544,6 +554,13 @@ class AssemblyNet(nn.Module):
         B, M = h.shape[:2]
         return lat["head"](h).reshape(B, M, -1, 3)[..., _FROM_E3NN]
 
+    def _neighbour_turns(self, R: torch.Tensor, batch: ClusterBatch) -> torch.Tensor:
+        """``R_j R_i^T - I`` at ``[b, i, j]`` as ``0e + 1e + 2e`` coefficients ``(B, M, M, 9)`` (e3nn order), zero
+        between copies of different shapes (their body frames are unrelated)."""
+        turn = R[:, None] @ R[:, :, None].transpose(-1, -2) - torch.eye(3, dtype=R.dtype, device=R.device)
+        same = batch.mol_shape[:, :, None] == batch.mol_shape[:, None, :]
+        return (turn.flatten(-2) @ self.cart_inv.to(R.dtype)) * same[..., None].to(R.dtype)
+
     @staticmethod
     def _unit_rms(u: torch.Tensor) -> torch.Tensor:
         """Vectors ``(..., V, 3)`` scaled to unit rms length over ``V`` (floored: vanishing ones stay ~0)."""
@@ -633,9 +650,13 @@ class AssemblyNet(nn.Module):
         # ---- edges (dense, i receives from j)
         cs, cv = self._contacts(xp, c, batch, s_c, radius)
         cij, sh, rbf, offdiag = self._centroid_edges(c)  # c_j - c_i at [b, i, j]
-        z = self.edge_mlp(torch.cat([rbf, cs, cs.transpose(1, 2)], dim=-1))
-        cv_t = cv.transpose(1, 2)
-        ev = self.ev_embed(torch.cat([cv, cv_t, _to_e3nn(cij) / self.pos_scale], dim=-1))
+        z_in, ev_in = [rbf, cs, cs.transpose(1, 2)], [cv, cv.transpose(1, 2), _to_e3nn(cij) / self.pos_scale]
+        if self.neighbour_turns:
+            turn = self._neighbour_turns(R, batch)
+            z_in.append(turn[..., :1])
+            ev_in.append(turn[..., 1:])
+        z = self.edge_mlp(torch.cat(z_in, dim=-1))
+        ev = self.ev_embed(torch.cat(ev_in, dim=-1))
         for layer in self.layers:
             h = layer(h, sh, z, ev, offdiag)
         out = self.head(h)  # (B, M, .): 1o (dc), then the rot_output irreps, e3nn order

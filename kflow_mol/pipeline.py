@@ -99,7 +99,8 @@ def build_components(cfg) -> tuple[nn.Module, AssemblyTask, Any]:
                         shared_start=bool(cfg.get("shared_start", False)),
                         lattice_weight=float(cfg.get("lattice_weight", 0.0)),
                         state_noise=float(cfg.get("state_noise", 0.0)),
-                        lattice_start=cfg.get("lattice_start", False))
+                        lattice_start=cfg.get("lattice_start", False),
+                        packing_targets=bool(cfg.get("packing_targets", False)))
     return model, task, instantiate(cfg.noise)
 
 
@@ -245,7 +246,7 @@ def train(cfg, resume: bool = False, log: Log = _stderr) -> TrainResult:
                 "val_pm_center": m["pm_center"], "val_rot_median_deg": m["rot_median_deg"],
                 "val_rot_within_10deg": m["rot_within_10deg"]}
 
-    trainer = Trainer(model, task.loss, train_set, Collator(resample, noise), tcfg,
+    trainer = Trainer(model, task.loss, train_set, Collator(resample, noise, task.packing_targets), tcfg,
                       eval_fn=eval_fn if val else None, eval_every=int(cfg.eval_every),
                       run_config=to_container(cfg))
     trainer.sample_unit = "clusters"  # progress lines: "... 3.2 clusters/s ..."

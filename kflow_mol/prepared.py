@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from .symmetry import equivalent_packings
+
 __all__ = ["PreparedCluster"]
 
 
@@ -79,6 +81,14 @@ class PreparedCluster:
         rots = self.shape_symmetries[self.copy_shape]
         mask = np.arange(rots.shape[1])[None] < self.shape_orders[self.copy_shape][:, None]
         return rots, mask
+
+    def equivalent_packings(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(P, M, 3)`` centroids and ``(P, M, 3, 3)`` orientations of the packings equivalent to the labelled one
+        under the symmetries of its centroid set, labelled first (:func:`kflow_mol.symmetry.equivalent_packings`;
+        computed once per record and kept, not cached on disk)."""
+        if "_packings" not in self.__dict__:
+            self.__dict__["_packings"] = equivalent_packings(self.c1, self.R1, self.body, self.copy_shape)
+        return self.__dict__["_packings"]
 
     def replace(self, **changes) -> PreparedCluster:
         """A copy with some fields changed (e.g. ``initial``: a given loose state)."""

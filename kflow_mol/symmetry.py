@@ -30,7 +30,7 @@ from kflow_mol.frames import frame_from_vectors
 from kflow_mol.molecule import assign, bond_graph
 from kflow_mol.so3 import kabsch_np
 
-__all__ = ["automorphisms", "closest_equivalent", "graph_automorphism_count"]
+__all__ = ["automorphisms", "centroid_symmetries", "closest_equivalent", "equivalent_packings", "graph_automorphism_count"]
 
 
 def automorphisms(
@@ -232,3 +232,101 @@ def closest_equivalent(
     idx = so3.closest(R, torch.eye(3, dtype=R.dtype, device=R.device).expand(*lead, 3, 3))
     gather = idx[..., None, None, None].expand(*idx.shape, 1, *pos_target.shape[-2:])
     return torch.gather(candidates, -3, gather).squeeze(-3), idx
+
+
+
+def centroid_symmetries(c: np.ndarray, tol: float = 0.3) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Isometries (rotations and improper ones) mapping a set of molecule centroids onto itself about its mean,
+    other than the identity.
+
+    The method of :func:`automorphisms` on points without species: an isometry about the mean is fixed by the
+    images of two non-collinear points and the handedness, so every candidate image pair (same distances to
+    the mean and to each other, within ``2 tol``) gives two candidates, refined on all points (Procrustes with
+    the candidate's determinant) and accepted when every point lands within ``tol`` of a distinct point.
+
+    Args:
+        c: ``(M, 3)`` centroids.
+        tol: distance tolerance (Å) per point.
+
+    Returns:
+        ``[(Q (3, 3), pi (M,))]`` with ``Q (c_i - o) ~= c_pi(i) - o`` for the mean ``o``; ``pi`` a permutation.
+    """
+    x = np.asarray(c, dtype=np.float64)
+    x = x - x.mean(0)
+    radius = np.linalg.norm(x, axis=1)
+    off = np.flatnonzero(radius > 2 * tol)
+    if len(off) < 2:
+        return []
+
+    def members(a: int) -> np.ndarray:
+        return off[np.abs(radius[off] - radius[a]) < 2 * tol]
+
+    sizes = np.array([len(members(a)) for a in off])
+    a = off[np.argmin(sizes)]
+    sin = np.linalg.norm(np.cross(x[a] / radius[a], x[off] / radius[off, None]), axis=1)
+    if not (sin > 0.2).any():  # collinear set: no finite group to speak of
+        return []
+    b = off[sin > 0.2][np.lexsort((-sin[sin > 0.2], sizes[sin > 0.2]))[0]]
+    F, flip = frame_from_vectors(x[a], x[b]), np.diag([1.0, 1.0, -1.0])
+    out: dict[tuple[int, ...], np.ndarray] = {}
+    for a2 in members(a):
+        for b2 in members(b):
+            if a2 == b2 or abs(np.linalg.norm(x[a2] - x[b2]) - np.linalg.norm(x[a] - x[b])) > 2 * tol:
+                continue
+            G = frame_from_vectors(x[a2], x[b2])
+            for sign, Q0 in ((1.0, G @ F.T), (-1.0, G @ flip @ F.T)):
+                pi = np.linalg.norm((x @ Q0.T)[:, None] - x[None], axis=-1).argmin(1)
+                key = tuple(pi.tolist())
+                if key in out or len(set(key)) < len(x) or key == tuple(range(len(x))):
+                    continue
+                Q = kabsch_np(sign * x, x[pi])[0] * sign  # the best isometry of this handedness
+                if np.linalg.norm(x @ Q.T - x[pi], axis=1).max() <= tol:
+                    out[key] = Q
+    return [(Q, np.array(k)) for k, Q in sorted(out.items())]
+
+
+def equivalent_packings(c1: np.ndarray, R1: np.ndarray, body: np.ndarray, copy_shape: np.ndarray,
+                        tol: float = 0.3, planar_tol: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """The packed cluster moved by each symmetry of its centroid set: other labelled packings with the same
+    centroids (within ``tol``) that the loose state cannot tell from the labelled one.
+
+    The loose state carries the centroids (blurred) and random orientations. When an isometry ``Q`` maps the
+    17 packed centroids onto themselves (``Q c_i = c_pi(i)``) but is not a symmetry of the crystal, the
+    rigidly moved cluster ``Q X`` puts a copy on every site of ``X`` with another orientation, and a loose
+    state is as likely to come from ``Q X`` as from ``X``. The orientation the labelled target asks for is
+    then a coin toss that no network can call: regressed on, it averages the two. PM is blind to the choice
+    once copies are matched (distance matrices are invariant under isometries).
+
+    ``Q X`` is a rigid-body state of the same copies when ``Q`` is a rotation (``R' = Q R1_i``), or a
+    reflection of planar copies (``R' = Q R1_i sigma_i`` with ``sigma_i`` the mirror through the copy's
+    plane, which fixes every atom). Reflections are skipped for clusters with a non-planar copy, and so is
+    every operation that maps a copy onto a site of another shape.
+
+    Args:
+        c1: ``(M, 3)`` packed centroids. R1: ``(M, 3, 3)`` orientations (body -> lab).
+        body: ``(M, n, 3)`` each copy's body coordinates. copy_shape: ``(M,)`` shape index of every copy.
+        tol: distance tolerance of the centroid symmetry (Å, :func:`centroid_symmetries`).
+        planar_tol: a copy counts as planar when its mirror image through its least-inertia plane moves
+            its atoms by at most this RMS distance (Å).
+
+    Returns:
+        ``(c (P, M, 3), R (P, M, 3, 3))``: the site of copy ``i`` in every equivalent packing (within
+        ``tol`` of ``c1_i``) and the orientation of the copy there; the labelled packing first.
+    """
+    c1, R1 = np.asarray(c1, dtype=np.float64), np.asarray(R1, dtype=np.float64)
+    o = c1.mean(0)
+    _, v = np.linalg.eigh(np.einsum("mna,mnb->mab", body, body))
+    normal = v[..., 0]  # (M, 3) least-inertia axis: the normal of a planar copy
+    planar = 2 * np.sqrt(np.mean(np.einsum("mna,ma->mn", body, normal) ** 2, axis=1)) <= planar_tol
+    sigma = np.eye(3) - 2 * normal[:, :, None] * normal[:, None, :]
+    out_c, out_R = [c1], [R1]
+    for Q, pi in centroid_symmetries(c1, tol):
+        improper = np.linalg.det(Q) < 0
+        if np.any(copy_shape[pi] != copy_shape) or (improper and not planar.all()):
+            continue
+        Rq = np.einsum("ab,mbc->mac", Q, R1)
+        c, R = np.empty_like(c1), np.empty_like(R1)
+        c[pi], R[pi] = (c1 - o) @ Q.T + o, (Rq @ sigma if improper else Rq)
+        out_c.append(c)
+        out_R.append(R)
+    return np.stack(out_c), np.stack(out_R)

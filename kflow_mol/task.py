@@ -32,6 +32,9 @@ class AssemblyBatch:
             sym_mask ``(B, M, G)``.
         gyration: ``(B, M, 3, 3)`` ``mean_a t_a t_a^T`` of each copy's body (turns rotation errors into Å²).
         ids: cluster ids.
+        packings_c1, packings_R1: ``(B, P, M, 3)``, ``(B, P, M, 3, 3)`` the packings equivalent to the labelled
+            one under the symmetries of its centroid set (:meth:`PreparedCluster.equivalent_packings`; the
+            labelled packing first, identity-padded), packings_mask ``(B, P)`` the real ones.
     """
 
     clusters: ClusterBatch
@@ -43,6 +46,9 @@ class AssemblyBatch:
     sym_mask: Tensor
     gyration: Tensor
     ids: list
+    packings_c1: Tensor | None = None
+    packings_R1: Tensor | None = None
+    packings_mask: Tensor | None = None
 
     def to(self, device=None, dtype=None) -> AssemblyBatch:
         out = {}
@@ -55,8 +61,9 @@ class AssemblyBatch:
 
 
 def make_batch(items: list[PreparedCluster], initial: list[np.ndarray] | None = None,
-               dtype=torch.float32) -> AssemblyBatch:
-    """Collate prepared clusters; ``initial`` overrides their loose states."""
+               dtype=torch.float32, with_packings: bool = False) -> AssemblyBatch:
+    """Collate prepared clusters; ``initial`` overrides their loose states; ``with_packings`` adds the
+    equivalent packings (training targets with ``AssemblyTask(packing_targets=True)``)."""
     cb = collate([(it.species, it.templates, it.copy_shape, it.body) for it in items], dtype=dtype)
     initial = initial if initial is not None else [it.initial for it in items]
     M = cb.num_mols
@@ -75,8 +82,18 @@ def make_batch(items: list[PreparedCluster], initial: list[np.ndarray] | None = 
         gyr.append(torch.einsum("mna,mnb->mab", t, t) / t.shape[1])
     gyr = torch.stack(gyr)
     stack = lambda key: torch.from_numpy(np.stack([getattr(it, key) for it in items]))  # noqa: E731
-    return AssemblyBatch(cb, torch.stack(c0).to(dtype), torch.stack(R0).to(dtype), stack("c1").to(dtype),
-                         stack("R1").to(dtype), sym.to(dtype), mask, gyr.to(dtype), [it.id for it in items])
+    c1, R1 = stack("c1"), stack("R1")
+    packings = [it.equivalent_packings() for it in items] if with_packings else None
+    pc = pR = pm = None
+    if packings is not None:
+        P = max(len(c) for c, _ in packings)
+        pc, pR = c1[:, None].repeat(1, P, 1, 1), R1[:, None].repeat(1, P, 1, 1, 1)
+        pm = torch.zeros(len(items), P, dtype=torch.bool)
+        for b, (c, R) in enumerate(packings):
+            pc[b, :len(c)], pR[b, :len(c)], pm[b, :len(c)] = torch.from_numpy(c), torch.from_numpy(R), True
+        pc, pR = pc.to(dtype), pR.to(dtype)
+    return AssemblyBatch(cb, torch.stack(c0).to(dtype), torch.stack(R0).to(dtype), c1.to(dtype), R1.to(dtype),
+                         sym.to(dtype), mask, gyr.to(dtype), [it.id for it in items], pc, pR, pm)
 
 
 class Collator:
@@ -85,8 +102,8 @@ class Collator:
     Drawing from the global RNGs keeps training resumable: the trainer reseeds them before every batch.
     """
 
-    def __init__(self, resample_loose: bool = True, noise_cfg=None):
-        self.resample_loose, self.noise_cfg = resample_loose, noise_cfg
+    def __init__(self, resample_loose: bool = True, noise_cfg=None, with_packings: bool = False):
+        self.resample_loose, self.noise_cfg, self.with_packings = resample_loose, noise_cfg, with_packings
 
     def __call__(self, items: list[PreparedCluster]) -> AssemblyBatch:
         initial = None
@@ -94,7 +111,7 @@ class Collator:
             seed = int(torch.randint(0, 2**62, (1,)).item())
             rng = np.random.default_rng(seed)
             initial = [make_loose(it.final, rng, self.noise_cfg or LooseConfig()) for it in items]
-        return make_batch(items, initial)
+        return make_batch(items, initial, with_packings=self.with_packings)
 
 
 @dataclass
@@ -156,17 +173,23 @@ class AssemblyTask:
             off the training path (about 1 Å on training clusters, 2 Å held out); without this the
             orientations predicted there are lost: on 8 memorised clusters sampled orientations end 47° off,
             12° with the centroids teacher-forced on the true path (``BENCHMARKS.md``, session 7).
+        packing_targets: train towards the equivalent packing (:meth:`PreparedCluster.equivalent_packings`:
+            the labelled one moved by a symmetry of its centroid set) closest to the rotational source, summed
+            over the copies' atom-level rotation errors. The loose state cannot tell these packings apart, so
+            the labelled target is a coin toss the network can only average; the closest one is a function
+            of the input (the OT-style alignment of equivariant flow matching). Needs batches built with
+            ``with_packings=True`` (the trainer's collator does so when this is set).
     """
 
     def __init__(self, path: RigidKPath, symmetric_targets: bool = True, rot_weight: float = 1.0,
                  rot_late_weight: bool = False, shared_start: bool = False, lattice_weight: float = 0.0,
-                 lattice_start: bool | str = False, state_noise: float = 0.0):
+                 lattice_start: bool | str = False, state_noise: float = 0.0, packing_targets: bool = False):
         lattice_start = {"false": False, "true": True, "loose": True}.get(str(lattice_start).lower(), lattice_start)
         if lattice_start not in (False, True, "packed"):
             raise ValueError(f"lattice_start must be true, false or 'packed' (diagnosis), got {lattice_start!r}")
         if shared_start and lattice_start:
             raise ValueError("shared_start and lattice_start are two different rotational sources: choose one")
-        self.lattice_start, self.state_noise = lattice_start, float(state_noise)
+        self.lattice_start, self.state_noise, self.packing_targets = lattice_start, float(state_noise), packing_targets
         self.path, self.symmetric_targets, self.rot_weight = path, symmetric_targets, rot_weight
         self.rot_late_weight, self.shared_start, self.lattice_weight = rot_late_weight, shared_start, lattice_weight
 
@@ -181,6 +204,24 @@ class AssemblyTask:
             return batch
         G = so3.random_rotation(batch.clusters.num_shapes, dtype=batch.R0.dtype, device=batch.R0.device)
         return replace(batch, R0=G[batch.clusters.mol_shape])
+
+    def align(self, batch: AssemblyBatch) -> AssemblyBatch:
+        """``batch`` (with its rotational source) whose packed state is the equivalent packing closest to the
+        source, with ``packing_targets``; else unchanged."""
+        if not self.packing_targets:
+            return batch
+        if batch.packings_R1 is None:
+            raise ValueError("packing_targets needs batches with equivalent packings: make_batch(..., "
+                             "with_packings=True) or Collator(..., with_packings=True)")
+        B, P, M = batch.packings_R1.shape[:3]
+        ex = lambda t: t[:, None].expand(B, P, *t.shape[1:]).reshape(B * P, *t.shape[1:])  # noqa: E731
+        R1 = closest_equivalent_rotation(batch.packings_R1.reshape(B * P, M, 3, 3), ex(batch.R0),
+                                         ex(batch.symmetries), ex(batch.sym_mask))[0]
+        dR = R1 - ex(batch.R0)
+        cost = torch.einsum("bmij,bmjk,bmik->b", dR, ex(batch.gyration), dR).reshape(B, P)
+        p = cost.masked_fill(~batch.packings_mask, torch.inf).argmin(1)
+        b = torch.arange(B)
+        return replace(batch, c1=batch.packings_c1[b, p], R1=batch.packings_R1[b, p])
 
     def targets(self, batch: AssemblyBatch) -> Tensor:
         """Target orientations ``(B, M, 3, 3)``: closest symmetry-equivalent to ``R0`` (or the labelled)."""
@@ -215,7 +256,7 @@ class AssemblyTask:
     def loss(self, model: nn.Module, batch: AssemblyBatch) -> tuple[Tensor, dict]:
         """Atom-level endpoint MSE at a uniform random ``k`` (``loss_fn`` of :class:`kflow.train.Trainer`)."""
         b = batch.c0.shape[0]
-        batch = self.source(batch)
+        batch = self.align(self.source(batch))
         R1 = self.targets(batch)
         k = torch.rand(b, device=batch.c0.device, dtype=batch.c0.dtype)
         transform = self._transform(batch)
@@ -256,7 +297,7 @@ class AssemblyTask:
             atom-level rotational RMSD (Å) of the prediction and of ``R_k``, ``rot_rmsd_hat`` / ``rot_rmsd_k``
             ``(B, M)``.
         """
-        batch = self.source(batch)
+        batch = self.align(self.source(batch))
         R1 = self.targets(batch)
         transform = self._transform(batch)
         ps = self.path.sample(transform, batch.c0, batch.R0, batch.c1, R1, k)

@@ -86,12 +86,14 @@ def test_collate_rejects_bad_input():
         collate([])
 
 
-@pytest.mark.parametrize("rot_output,self_interaction,lattice_layers",
-                         [("rotvec", False, 0), ("quat", False, 0), ("matrix", False, 0), ("matrix", True, 0),
-                          ("anchor", True, 0), ("anchor", True, 1)])
-def test_rotation_translation_equivariance(setup, rot_output, self_interaction, lattice_layers):
+@pytest.mark.parametrize("rot_output,self_interaction,lattice_layers,turns",
+                         [("rotvec", False, 0, False), ("quat", False, 0, False), ("matrix", False, 0, False),
+                          ("matrix", True, 0, False), ("anchor", True, 0, False), ("anchor", True, 1, False),
+                          ("anchor", True, 0, True), ("rotvec", False, 0, True)])
+def test_rotation_translation_equivariance(setup, rot_output, self_interaction, lattice_layers, turns):
     _, batch, x, k, nf = setup
-    model = _model(rot_output=rot_output, self_interaction=self_interaction, lattice_layers=lattice_layers)
+    model = _model(rot_output=rot_output, self_interaction=self_interaction, lattice_layers=lattice_layers,
+                   neighbour_turns=turns)
     out = model(x, k, batch=batch, node_features=nf)
     assert out.shape == (2, M, 6) and torch.isfinite(out).all()
     shift = torch.tensor([3.0, -7.0, 11.0], dtype=torch.float64)
@@ -111,11 +113,13 @@ def test_rotation_translation_equivariance(setup, rot_output, self_interaction, 
     assert (out[..., :3] @ Q.T - out[..., :3]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("rot_output,lattice_layers", [("rotvec", 0), ("anchor", 0), ("anchor", 1)])
-def test_body_frame_choice_does_not_matter(setup, rot_output, lattice_layers):
-    """The network sees atom positions only: t -> Q0 t with R -> R Q0^T gives the same output."""
+@pytest.mark.parametrize("rot_output,lattice_layers,turns",
+                         [("rotvec", 0, False), ("anchor", 0, False), ("anchor", 1, False), ("anchor", 0, True)])
+def test_body_frame_choice_does_not_matter(setup, rot_output, lattice_layers, turns):
+    """The network sees atom positions only (and turns between copies of one shape, whose frames move
+    together): t -> Q0 t with R -> R Q0^T gives the same output."""
     items, batch, x, k, nf = setup
-    model = _model(rot_output=rot_output, lattice_layers=lattice_layers)
+    model = _model(rot_output=rot_output, lattice_layers=lattice_layers, neighbour_turns=turns)
     Q0 = roma.unitquat_to_rotmat(roma.random_unitquat(dtype=torch.float64))
     batch2 = collate([(s, t @ Q0.T) for s, t in items], dtype=torch.float64)
     out = model(x, k, batch=batch, node_features=nf)
@@ -261,3 +265,25 @@ def test_lattice_stream_ignores_orientations(setup, monkeypatch):
 def test_lattice_stream_needs_anchor():
     with pytest.raises(ValueError, match="lattice_layers"):
         _build(rot_output="matrix", lattice_layers=1)
+
+
+def test_neighbour_turns_are_the_relative_rotations_of_copies_of_one_shape(setup):
+    """R_j R_i^T - I in e3nn's 0e + 1e + 2e basis, back to the matrix exactly; zero across shapes; identity
+    turns (parallel copies) give zero."""
+    _, batch, x, _, _ = setup
+    model = _model(rot_output="anchor", neighbour_turns=True)
+    turn = model._neighbour_turns(x.R, batch)
+    assert turn.shape == (2, M, M, 9)
+    back = torch.einsum("...i,ijk->...jk", turn, model.cart)
+    want = x.R[:, None] @ x.R[:, :, None].transpose(-1, -2) - torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(back, want, atol=1e-12)
+    # the trace part is the 0e coefficient: (tr - 3) / sqrt(3)
+    assert torch.allclose(turn[..., 0], (want.diagonal(dim1=-2, dim2=-1).sum(-1)) / 3 ** 0.5, atol=1e-12)
+    parallel = RigidState(x.c, x.R[:, :1].expand_as(x.R).contiguous())
+    assert model._neighbour_turns(parallel.R, batch).abs().max() < 1e-12
+    two = collate([(s, torch.stack([t, t[torch.randperm(len(t))]]), torch.arange(M) % 2)
+                   for s, t in [_template(5, torch.Generator().manual_seed(2))] * 2], dtype=torch.float64)
+    other = model._neighbour_turns(x.R, two)
+    shape = two.mol_shape
+    assert (other[shape[:, :, None] != shape[:, None, :]] == 0).all()
+    assert (other[shape[:, :, None] == shape[:, None, :]].abs().amax(-1) > 0).sum() > M

@@ -127,3 +127,58 @@ def test_real_crystal_molecules(shared_dir):
             found += 1
     if not found:
         pytest.skip("reference crystals not present")
+
+
+def _symmetric_cluster(Q: np.ndarray, body: np.ndarray, seed: int = 0):
+    """17 centroids mapped onto themselves by ``Q`` (8 random points, their images, one on the axis) and
+    random orientations of one rigid ``body``: a cluster whose centroid set has ``Q`` but whose packing does not."""
+    rng = np.random.default_rng(seed)
+    half = rng.normal(scale=6.0, size=(8, 3))
+    c1 = np.concatenate([np.zeros((1, 3)), half, half @ Q.T]) + np.array([1.0, -2.0, 0.5])
+    R1 = so3.random_rotation_np(rng, 17)
+    return c1, R1, np.repeat(body[None], 17, 0), np.zeros(17, dtype=np.int64)
+
+
+def _atoms(c, R, body):
+    return np.einsum("mab,mnb->mna", R, body) + c[:, None]
+
+
+CHIRAL = np.array([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0], [0.0, 1.1, 0.0], [0.0, 0.0, 0.8], [-0.7, -0.4, 1.9]])
+CHIRAL = CHIRAL - CHIRAL.mean(0)
+FLAT = np.array([[0.0, 0.0, 0.0], [1.4, 0.0, 0.0], [2.1, 1.2, 0.0], [-0.6, 1.3, 0.0]])
+FLAT = FLAT - FLAT.mean(0)
+
+
+def test_equivalent_packings_are_the_cluster_moved_by_its_centroid_symmetries():
+    """A C2 of the centroids gives a second packing: copy i's image sits on site pi(i) with Q R1_i; a mirror of
+    the centroids gives one only for planar copies (their mirror image is a proper pose), and each equivalent
+    packing scores 0 under the symmetry-aware PM and the matched rotation error, not under the labelled ones."""
+    from kflow_mol.metrics import evaluate_cluster
+    from kflow_mol.symmetry import centroid_symmetries, equivalent_packings
+
+    C2 = np.diag([-1.0, -1.0, 1.0])
+    c1, R1, body, shape = _symmetric_cluster(C2, CHIRAL)
+    ops = centroid_symmetries(c1)
+    assert len(ops) == 1 and np.allclose(ops[0][0], C2, atol=1e-6)
+    c, R = equivalent_packings(c1, R1, body, shape)
+    assert c.shape == (2, 17, 3) and np.allclose(c[0], c1) and np.allclose(R[0], R1)
+    pi, o = ops[0][1], c1.mean(0)
+    moved = _atoms(c1 - o, R1, body) @ C2.T + o  # the whole cluster turned by Q about its centre
+    assert np.allclose(_atoms(c[1], R[1], body)[pi], moved, atol=1e-6)
+    assert np.allclose(np.linalg.det(R[1]), 1.0)
+    e = evaluate_cluster(_atoms(c[1], R[1], body), _atoms(c1, R1, body), np.array([6, 7, 8, 9, 16]), np.arange(5)[None])
+    assert e["pm_atom_symmetry_aware"] < 1e-6 and e["rot_median_deg_symmetry_aware"] < 1e-3
+    assert e["pm_atom"] > 1.0 and e["rot_median_deg"] > 10.0
+
+    mirror = np.diag([1.0, 1.0, -1.0])
+    c1, R1, body, shape = _symmetric_cluster(mirror, CHIRAL, seed=1)
+    assert len(equivalent_packings(c1, R1, body, shape)[0]) == 1  # a chiral copy has no proper mirror pose
+    c1, R1, body, shape = _symmetric_cluster(mirror, FLAT, seed=1)
+    c, R = equivalent_packings(c1, R1, body, shape)
+    assert len(c) == 2 and np.allclose(np.linalg.det(R[1]), 1.0)
+    pi, o = centroid_symmetries(c1)[0][1], c1.mean(0)
+    assert np.allclose(_atoms(c[1], R[1], body)[pi], _atoms(c1 - o, R1, body) @ mirror.T + o, atol=1e-6)
+    # copies of different shapes may not trade sites
+    shape2 = shape.copy()
+    shape2[1] = 1
+    assert len(equivalent_packings(c1, R1, body, shape2)[0]) == 1

@@ -294,3 +294,30 @@ def test_load_prepared_min_packing_rejects_loose_cells(tmp_path):
     kept, rep = load_prepared(str(src), cache_dir=tmp_path / "c1", progress=False, min_packing=0.5)
     assert [c.id for c in kept] == ["2000334"]
     assert [(r["id"], r["reason"]) for r in rep["rejected"]] == [("2001925", "loose_packing")]
+
+
+def test_packing_targets_train_towards_the_equivalent_packing_closest_to_the_source(clusters):
+    """packing_targets: among the packings equivalent under the centroid set's symmetries, the loss and the path
+    use the one whose orientations are closest to the rotational source; off, or with one packing, the labelled."""
+    batch = make_batch(clusters, dtype=torch.float64, with_packings=True)
+    B, P, M = batch.packings_R1.shape[:3]
+    assert torch.equal(batch.packings_R1[:, 0], batch.R1) and batch.packings_mask[:, 0].all()
+    task = AssemblyTask(RigidKPath(BandSchedule(1.0)), packing_targets=True)
+    # a second packing per cluster: the labelled one turned by 90 degrees about z (centroids kept)
+    Z = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    two = replace(batch, packings_c1=batch.c1[:, None].repeat(1, 2, 1, 1),
+                  packings_R1=torch.stack([batch.R1, Z @ batch.R1], 1),
+                  packings_mask=torch.ones(B, 2, dtype=torch.bool))
+    assert torch.equal(task.align(replace(two, R0=batch.R1)).R1, batch.R1)
+    assert torch.equal(task.align(replace(two, R0=Z @ batch.R1)).R1, Z @ batch.R1)
+    masked = replace(two, R0=Z @ batch.R1, packings_mask=torch.tensor([[True, False]] * B))
+    assert torch.equal(task.align(masked).R1, batch.R1)  # padding is never chosen
+    assert AssemblyTask(task.path).align(two) is two  # off: the labelled target
+    with pytest.raises(ValueError, match="with_packings"):
+        task.align(make_batch(clusters, dtype=torch.float64))
+    # the loss asks for the aligned packing: a network predicting it exactly has loss 0, the labelled loss not
+    src = replace(two, R0=Z @ batch.R1)
+    oracle = Oracle(task, task.align(src))
+    torch.manual_seed(0)
+    assert task.loss(oracle, src)[0] < 1e-8
+    assert AssemblyTask(task.path).loss(oracle, src)[0] > 1.0
