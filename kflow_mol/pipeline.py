@@ -99,6 +99,7 @@ def build_components(cfg) -> tuple[nn.Module, AssemblyTask, Any]:
                         shared_start=bool(cfg.get("shared_start", False)),
                         lattice_weight=float(cfg.get("lattice_weight", 0.0)),
                         state_noise=float(cfg.get("state_noise", 0.0)),
+                        state_noise_rot=float(cfg.get("state_noise_rot", 0.0)),
                         lattice_start=cfg.get("lattice_start", False),
                         packing_targets=bool(cfg.get("packing_targets", False)))
     return model, task, instantiate(cfg.noise)

@@ -173,6 +173,11 @@ class AssemblyTask:
             off the training path (about 1 Å on training clusters, 2 Å held out); without this the
             orientations predicted there are lost: on 8 memorised clusters sampled orientations end 47° off,
             12° with the centroids teacher-forced on the true path (``BENCHMARKS.md``, session 7).
+        state_noise_rot: the same for orientations: each current orientation the network sees in training is
+            turned by ``Exp(state_noise_rot * eps)``, ``eps ~ N(0, I)`` (radians); the target stays exact. On
+            the path the current orientations are partial turns towards the *true* targets, so they (and the
+            turns between neighbours, ``model.neighbour_turns``) leak the answer; the sampler's own partial
+            turns do not (``BENCHMARKS.md``, session 10).
         packing_targets: train towards the equivalent packing (:meth:`PreparedCluster.equivalent_packings`:
             the labelled one moved by a symmetry of its centroid set) closest to the rotational source, summed
             over the copies' atom-level rotation errors. The loose state cannot tell these packings apart, so
@@ -183,13 +188,15 @@ class AssemblyTask:
 
     def __init__(self, path: RigidKPath, symmetric_targets: bool = True, rot_weight: float = 1.0,
                  rot_late_weight: bool = False, shared_start: bool = False, lattice_weight: float = 0.0,
-                 lattice_start: bool | str = False, state_noise: float = 0.0, packing_targets: bool = False):
+                 lattice_start: bool | str = False, state_noise: float = 0.0, packing_targets: bool = False,
+                 state_noise_rot: float = 0.0):
         lattice_start = {"false": False, "true": True, "loose": True}.get(str(lattice_start).lower(), lattice_start)
         if lattice_start not in (False, True, "packed"):
             raise ValueError(f"lattice_start must be true, false or 'packed' (diagnosis), got {lattice_start!r}")
         if shared_start and lattice_start:
             raise ValueError("shared_start and lattice_start are two different rotational sources: choose one")
         self.lattice_start, self.state_noise, self.packing_targets = lattice_start, float(state_noise), packing_targets
+        self.state_noise_rot = float(state_noise_rot)
         self.path, self.symmetric_targets, self.rot_weight = path, symmetric_targets, rot_weight
         self.rot_late_weight, self.shared_start, self.lattice_weight = rot_late_weight, shared_start, lattice_weight
 
@@ -264,6 +271,9 @@ class AssemblyTask:
         s_k = ps.s_k
         if self.state_noise:  # centroids off the path, as the sampler meets them; the target stays exact
             s_k = torch.cat([s_k[..., :3] + self.state_noise * torch.randn_like(s_k[..., :3]), s_k[..., 3:]], -1)
+        if self.state_noise_rot:  # orientations off the path (R_k = Exp(omega) R0 -> Exp(noise) R_k)
+            turn = so3.exp(self.state_noise_rot * torch.randn_like(s_k[..., 3:])) @ so3.exp(s_k[..., 3:])
+            s_k = torch.cat([s_k[..., :3], so3.log(turn)], -1)
         cache = model.encode_templates(batch.clusters) if self.lattice_weight else None  # shared by both calls
         s1_hat = self.predict(model, transform, s_k, k, batch, cache)
         _, R1_hat = self.path.rigid(s1_hat, batch.R0)

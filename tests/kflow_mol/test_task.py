@@ -189,6 +189,16 @@ def test_state_noise_moves_only_the_centroids_the_network_sees(clusters):
     dev = fed[0.5][0] - ps.c_k
     assert 0.35 < dev.std() < 0.65 and dev.mean().abs() < 0.15
 
+    # state_noise_rot: the orientations fed are the path's turned by random rotations of that size; centroids kept
+    task = AssemblyTask(RigidKPath(BandSchedule(0.3), rotation="own"), state_noise_rot=0.2)
+    torch.manual_seed(3)
+    task.loss(Spy(), batch)
+    c_fed, R_fed = seen.pop()
+    assert torch.allclose(c_fed, ps.c_k, atol=1e-12)
+    angle = so3.geodesic_distance(R_fed, ps.R_k)
+    # |N(0, 0.2^2 I)| in 3-D has mean 0.2 * sqrt(8 / pi) = 0.32 rad
+    assert 0.25 < angle.mean() < 0.39 and angle.min() > 0
+
 
 def test_loss_is_atom_mse_and_trains(clusters):
     from kflow_mol.model import AssemblyNet
