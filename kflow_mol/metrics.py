@@ -30,6 +30,8 @@ Ours (beyond the paper; each name says what it is):
   pairs), which is 0 for a clash-free cluster;
 - ``cluster_rmsd``: all-atom RMSD after optimal superposition (Kabsch, proper) in the labelled order, and
   ``cluster_rmsd_symmetry_aware`` with the matched, symmetry-relabelled target;
+- ``rot_median_deg_symmetry_aware`` / ``rot_within_10deg_symmetry_aware``: per-molecule orientation errors after
+  the symmetry-aware matching and the optimal global isometry (beside the labelled ``rot_median_deg``);
 - ``compack_matched``: a COMPACK-style similarity: the number of molecules, out of the 15-molecule shell
   (true central molecule 0 and its 14 nearest by centroid distance), in the largest mutually consistent set.
   Two matched molecules ``i, j`` are consistent when their centroid distance agrees within 20 %, their
