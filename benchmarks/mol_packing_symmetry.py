@@ -36,7 +36,7 @@ def moves_packing(pc, Q: np.ndarray, pi: np.ndarray, atol: float = 0.5) -> bool:
     o = pc.c1.mean(0)
     moved = (pc.final - o) @ Q.T + o
     for i, j in enumerate(pi):
-        perms = pc.copy_perms()[j][: int(pc.shape_orders[pc.copy_shape[j]])]
+        perms = pc.copy_perms()[j]  # identity-padded: the padding repeats the identity
         if min(np.sqrt(((moved[i][p] - pc.final[j]) ** 2).sum(-1).mean()) for p in perms) > atol:
             return True
     return False

@@ -523,11 +523,11 @@ def evaluate_cluster(pred: Any, true: Any, species: Any, perms: torch.Tensor | n
     # prediction that is the truth moved by a symmetry of its centroid set (the same packing, which the
     # loose state cannot tell apart: kflow_mol.symmetry.equivalent_packings). Try those too.
     known = {tuple(s.tolist()) for s in sigmas}
-    for _, pi in centroid_symmetries(t.mean(1)):
+    for _, perm in centroid_symmetries(t.mean(1)):
         for s in list(sigmas[:3]):
-            if tuple(s[pi].tolist()) not in known:
-                known.add(tuple(s[pi].tolist()))
-                sigmas.append(s[pi])
+            if tuple(s[perm].tolist()) not in known:
+                known.add(tuple(s[perm].tolist()))
+                sigmas.append(s[perm])
     pi = pm_atom(p[sigma], t)
     sym, sigma_sym, t_rel = pm_atom_symmetry_aware(p, t, perms, sigma=sigmas)
     out.update(

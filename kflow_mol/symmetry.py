@@ -90,27 +90,14 @@ def automorphisms(
 
     off = np.flatnonzero(radius > 0.25)  # atoms far enough from the centre to define a direction
     if len(off) > 0:
-        sizes = np.array([len(members(a)) for a in off])
-        a = off[np.argmin(sizes)]  # first atom of a smallest class: fewest candidates
-        ua = x[a] / radius[a]
-        # Non-collinear partners, ordered by class size, then by how perpendicular they are to a.
-        sin = np.linalg.norm(np.cross(ua[None], x[off] / radius[off, None]), axis=1)
-        ok = off[sin > 0.2]
-        if len(ok) > 0:
-            order = np.lexsort((-sin[sin > 0.2], sizes[sin > 0.2]))
-            b = ok[order[0]]
-            dab = np.linalg.norm(x[a] - x[b])
-            F = frame_from_vectors(x[a], x[b])
-            for a2 in members(a):
-                for b2 in members(b):
-                    if a2 == b2 or abs(np.linalg.norm(x[a2] - x[b2]) - dab) > 2 * class_tol:
-                        continue
-                    if np.linalg.norm(np.cross(x[a2], x[b2])) < 1e-8:
-                        continue
-                    consider(frame_from_vectors(x[a2], x[b2]) @ F.T)
+        a, b = _reference_pair(x, radius, off, members)
+        if b is not None:
+            for _, R0 in _pair_images(x, a, b, members, 2 * class_tol):
+                consider(R0)
         else:
             # Linear molecule: the proper group is infinite (C_inf); keep a C2 perpendicular to the axis
             # when it exists (D_inf), which is all a relabelling can express.
+            ua = x[a] / radius[a]
             perp = np.cross(ua, [1.0, 0.0, 0.0])
             if np.linalg.norm(perp) < 0.1:
                 perp = np.cross(ua, [0.0, 1.0, 0.0])
@@ -121,6 +108,36 @@ def automorphisms(
     perms = torch.tensor(keys, dtype=torch.long)
     rots = torch.from_numpy(np.stack([group[k] for k in keys]))
     return perms, rots
+
+
+def _reference_pair(x: np.ndarray, radius: np.ndarray, off: np.ndarray, members) -> tuple[int, int | None]:
+    """The two points that fix an isometry about the centre: ``a`` from a smallest class (fewest candidate
+    images), ``b`` non-collinear with it, from a small class and as perpendicular to ``a`` as possible
+    (``None`` when every point of ``off`` is collinear with ``a``)."""
+    sizes = np.array([len(members(i)) for i in off])
+    a = off[np.argmin(sizes)]
+    sin = np.linalg.norm(np.cross(x[a] / radius[a], x[off] / radius[off, None]), axis=1)
+    if not (sin > 0.2).any():
+        return a, None
+    return a, off[sin > 0.2][np.lexsort((-sin[sin > 0.2], sizes[sin > 0.2]))[0]]
+
+
+def _pair_images(x: np.ndarray, a: int, b: int, members, dist_tol: float, improper: bool = False):
+    """Yield ``(sign, Q0)``: the rotation (``sign`` 1) and, with ``improper``, the improper isometry (``sign``
+    -1) taking the pair ``(x[a], x[b])`` onto each candidate image pair ``(x[a2], x[b2])`` of the same classes
+    whose distance matches within ``dist_tol``."""
+    F, flip = frame_from_vectors(x[a], x[b]), np.diag([1.0, 1.0, -1.0])
+    dab = np.linalg.norm(x[a] - x[b])
+    for a2 in members(a):
+        for b2 in members(b):
+            if a2 == b2 or abs(np.linalg.norm(x[a2] - x[b2]) - dab) > dist_tol:
+                continue
+            if np.linalg.norm(np.cross(x[a2], x[b2])) < 1e-8:
+                continue
+            G = frame_from_vectors(x[a2], x[b2])
+            yield 1.0, G @ F.T
+            if improper:
+                yield -1.0, G @ flip @ F.T
 
 
 def _rmsd_of(x: np.ndarray, perm: tuple[int, ...]) -> tuple[float, np.ndarray]:
@@ -234,7 +251,6 @@ def closest_equivalent(
     return torch.gather(candidates, -3, gather).squeeze(-3), idx
 
 
-
 def centroid_symmetries(c: np.ndarray, tol: float = 0.3) -> list[tuple[np.ndarray, np.ndarray]]:
     """Isometries (rotations and improper ones) mapping a set of molecule centroids onto itself about its mean,
     other than the identity.
@@ -261,27 +277,18 @@ def centroid_symmetries(c: np.ndarray, tol: float = 0.3) -> list[tuple[np.ndarra
     def members(a: int) -> np.ndarray:
         return off[np.abs(radius[off] - radius[a]) < 2 * tol]
 
-    sizes = np.array([len(members(a)) for a in off])
-    a = off[np.argmin(sizes)]
-    sin = np.linalg.norm(np.cross(x[a] / radius[a], x[off] / radius[off, None]), axis=1)
-    if not (sin > 0.2).any():  # collinear set: no finite group to speak of
+    a, b = _reference_pair(x, radius, off, members)
+    if b is None:  # collinear set: no finite group to speak of
         return []
-    b = off[sin > 0.2][np.lexsort((-sin[sin > 0.2], sizes[sin > 0.2]))[0]]
-    F, flip = frame_from_vectors(x[a], x[b]), np.diag([1.0, 1.0, -1.0])
     out: dict[tuple[int, ...], np.ndarray] = {}
-    for a2 in members(a):
-        for b2 in members(b):
-            if a2 == b2 or abs(np.linalg.norm(x[a2] - x[b2]) - np.linalg.norm(x[a] - x[b])) > 2 * tol:
-                continue
-            G = frame_from_vectors(x[a2], x[b2])
-            for sign, Q0 in ((1.0, G @ F.T), (-1.0, G @ flip @ F.T)):
-                pi = np.linalg.norm((x @ Q0.T)[:, None] - x[None], axis=-1).argmin(1)
-                key = tuple(pi.tolist())
-                if key in out or len(set(key)) < len(x) or key == tuple(range(len(x))):
-                    continue
-                Q = kabsch_np(sign * x, x[pi])[0] * sign  # the best isometry of this handedness
-                if np.linalg.norm(x @ Q.T - x[pi], axis=1).max() <= tol:
-                    out[key] = Q
+    for sign, Q0 in _pair_images(x, a, b, members, 2 * tol, improper=True):
+        pi = np.linalg.norm((x @ Q0.T)[:, None] - x[None], axis=-1).argmin(1)
+        key = tuple(pi.tolist())
+        if key in out or len(set(key)) < len(x) or key == tuple(range(len(x))):
+            continue
+        Q = kabsch_np(sign * x, x[pi])[0] * sign  # the best isometry of this handedness
+        if np.linalg.norm(x @ Q.T - x[pi], axis=1).max() <= tol:
+            out[key] = Q
     return [(Q, np.array(k)) for k, Q in sorted(out.items())]
 
 
